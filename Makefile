@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine: `make test` and `make demo`.
+# Both create the virtualenv on first use (idempotent: re-runs only when the
+# dependency files change).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[torch,test]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m maskx_jax.demo --workdir runs/demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --output benchmarks/results
+
+clean:
+	rm -rf $(VENV) runs
