@@ -1,0 +1,139 @@
+"""ResNet-18/34/50/101 backbones with torchvision's layout (stride on the 3x3 conv, "ResNet v1.5").
+
+Attribute names mirror torchvision (``conv1``, ``bn1``, ``layer1`` .. ``layer4``, ``downsample``) so
+that converting a torchvision checkpoint is a renaming table. Input images are NHWC.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+from maskx_jax.layers import Conv2d, FrozenBatchNorm, max_pool
+
+Array = jax.Array
+
+# depth -> (block kind, blocks per stage)
+RESNET_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+
+
+def stage_channels(depth: int) -> tuple[int, int, int, int]:
+    """Output channels of layer1..layer4 (C2..C5) for a ResNet depth."""
+    kind, _ = RESNET_SPECS[depth]
+    expansion = 4 if kind == "bottleneck" else 1
+    return tuple(64 * 2**i * expansion for i in range(4))  # type: ignore[return-value]
+
+
+def make_norm(kind: str, channels: int, eps: float) -> nnx.Module:
+    """Normalisation layer by name. Only FrozenBN for now; the factory is the one place to extend."""
+    if kind == "frozen_bn":
+        return FrozenBatchNorm(channels, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; expected one of: 'frozen_bn'")
+
+
+def _downsample(in_ch: int, out_ch: int, stride: int, norm: str, eps: float, rngs: nnx.Rngs) -> nnx.List | None:
+    """torchvision's ``downsample = Sequential(conv1x1(stride), norm)`` or None when shapes match."""
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nnx.List([Conv2d(in_ch, out_ch, 1, stride=stride, use_bias=False, rngs=rngs), make_norm(norm, out_ch, eps)])
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convs (ResNet-18/34). x: [N,H,W,in] -> [N,H/stride,W/stride,planes]."""
+
+    def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, *, rngs: nnx.Rngs):
+        self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, use_bias=False, rngs=rngs)
+        self.bn1 = make_norm(norm, planes, eps)
+        self.conv2 = Conv2d(planes, planes, 3, padding=1, use_bias=False, rngs=rngs)
+        self.bn2 = make_norm(norm, planes, eps)
+        self.downsample = _downsample(in_ch, planes, stride, norm, eps, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        identity = x
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample[1](self.downsample[0](x))
+        return jax.nn.relu(out + identity)
+
+
+class Bottleneck(nnx.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50/101)."""
+
+    def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, *, rngs: nnx.Rngs):
+        out_ch = planes * 4
+        self.conv1 = Conv2d(in_ch, planes, 1, use_bias=False, rngs=rngs)
+        self.bn1 = make_norm(norm, planes, eps)
+        self.conv2 = Conv2d(planes, planes, 3, stride=stride, padding=1, use_bias=False, rngs=rngs)
+        self.bn2 = make_norm(norm, planes, eps)
+        self.conv3 = Conv2d(planes, out_ch, 1, use_bias=False, rngs=rngs)
+        self.bn3 = make_norm(norm, out_ch, eps)
+        self.downsample = _downsample(in_ch, out_ch, stride, norm, eps, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        identity = x
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample[1](self.downsample[0](x))
+        return jax.nn.relu(out + identity)
+
+
+class ResNet(nnx.Module):
+    """ResNet body returning C2..C5.
+
+    Attributes:
+      depth: 18, 34, 50 or 101.
+      freeze_at: stages whose outputs get ``stop_gradient`` (Detectron convention): 0 trains
+        everything, 1 freezes the stem, 2 the stem and layer1 (torchvision's default
+        ``trainable_backbone_layers=3``), ... 5 the whole body. The optimiser must also leave
+        those parameters alone; this only cuts the gradient.
+      norm: 'frozen_bn'. norm_eps: FrozenBN epsilon (1e-5; 0.0 for torchvision's legacy COCO weights).
+    """
+
+    def __init__(self, depth: int = 50, *, freeze_at: int = 2, norm: str = "frozen_bn", norm_eps: float = 1e-5,
+                 rngs: nnx.Rngs):
+        if depth not in RESNET_SPECS:
+            raise ValueError(f"unsupported ResNet depth {depth}; expected one of {sorted(RESNET_SPECS)}")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}")
+        self.depth: int = depth
+        self.freeze_at: int = freeze_at
+        kind, counts = RESNET_SPECS[depth]
+        block = Bottleneck if kind == "bottleneck" else BasicBlock
+        expansion = 4 if kind == "bottleneck" else 1
+        self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, use_bias=False, rngs=rngs)
+        self.bn1 = make_norm(norm, 64, norm_eps)
+        in_ch = 64
+        for i, n in enumerate(counts):
+            planes = 64 * 2**i
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(block(in_ch, planes, stride, norm, norm_eps, rngs=rngs))
+                in_ch = planes * expansion
+            setattr(self, f"layer{i + 1}", nnx.List(blocks))
+
+    def __call__(self, x: Array) -> list[Array]:
+        """x: [N, H, W, 3] normalised image -> [C2 (stride 4), C3, C4, C5 (stride 32)]."""
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = max_pool(x, 3, 2, 1)
+        if self.freeze_at >= 1:
+            x = jax.lax.stop_gradient(x)
+        outs = []
+        for i in range(4):
+            for blk in getattr(self, f"layer{i + 1}"):
+                x = blk(x)
+            if self.freeze_at >= i + 2:
+                x = jax.lax.stop_gradient(x)
+            outs.append(x)
+        return outs
+
+
