@@ -1,0 +1,129 @@
+"""Saving and loading model weights as orbax checkpoints with a JSON description of the model.
+
+Layout of a checkpoint directory::
+
+    DIR/maskx_meta.json   {"format": 1, "kind": "detector" | "resnet", "config": {...}, "source": ...}
+    DIR/params/           orbax checkpoint of every variable (parameters and frozen buffers)
+
+Writes are atomic: everything is written to a temporary sibling directory and renamed into place,
+so a crash never leaves a half-written checkpoint under DIR.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from maskx_jax.detector import DetectorConfig, MaskRCNN
+from maskx_jax.resnet import ResNet
+from maskx_jax.state_utils import Path, assign_flat, flat_arrays
+
+META_FILE = "maskx_meta.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+def _nest(flat: Mapping[Path, np.ndarray]) -> dict:
+    """{('a', 0, 'b'): x} -> {'a': {'0': {'b': x}}} (orbax wants string keys)."""
+    root: dict = {}
+    for path, value in flat.items():
+        node = root
+        for part in path[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(path[-1])] = value
+    return root
+
+
+def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, np.ndarray]:
+    out: dict[Path, np.ndarray] = {}
+    for key, value in tree.items():
+        part = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, prefix + (part,)))
+        else:
+            out[prefix + (part,)] = np.asarray(value)
+    return out
+
+
+def config_to_json(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def detector_config_from_json(d: Mapping) -> DetectorConfig:
+    """Rebuild a DetectorConfig; JSON lists become the tuples the dataclass declares."""
+    known = {f.name for f in dataclasses.fields(DetectorConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"checkpoint config has keys this version does not know: {unknown}")
+
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    return DetectorConfig(**{k: tup(v) for k, v in d.items()})
+
+
+def save_flat(directory: str, flat: Mapping[Path, np.ndarray], meta: Mapping[str, Any], *,
+              overwrite: bool = False) -> None:
+    """Atomically write ``flat`` parameters and ``meta`` to ``directory``."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), _nest(flat))
+        ckptr.wait_until_finished()
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({"format": FORMAT_VERSION, **meta}, f, indent=2, sort_keys=True)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_meta(directory: str) -> dict:
+    path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a maskx_jax checkpoint (no {META_FILE})")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_flat(directory: str) -> dict[Path, np.ndarray]:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), PARAMS_DIR))
+    return _flatten(restored)
+
+
+def save_detector(directory: str, model: MaskRCNN, *, source: str = "", overwrite: bool = False) -> None:
+    save_flat(directory, flat_arrays(model),
+              {"kind": "detector", "config": config_to_json(model.cfg), "source": source}, overwrite=overwrite)
+
+
+def load_detector(directory: str) -> MaskRCNN:
+    """Build the detector described by the checkpoint and fill it with the saved weights."""
+    meta = read_meta(directory)
+    if meta.get("kind") != "detector":
+        raise ValueError(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a detector")
+    cfg = detector_config_from_json(meta["config"])
+    model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
+    assign_flat(model, load_flat(directory))
+    return model
+
+
+def save_resnet(directory: str, body: ResNet, *, source: str = "", overwrite: bool = False) -> None:
+    save_flat(directory, flat_arrays(body), {"kind": "resnet", "config": {"depth": body.depth}, "source": source},
+              overwrite=overwrite)

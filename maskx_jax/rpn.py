@@ -1,0 +1,131 @@
+"""Region Proposal Network: the head module and static-shape proposal selection.
+
+Selection follows torchvision's ``RegionProposalNetwork.filter_proposals``: per-level top-k on
+objectness logits, decode, sigmoid, clip to the image, drop tiny boxes, NMS *per level*, keep the
+best ``post_nms_top_n`` per image. Everything has static shapes; dropped boxes are marked invalid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maskx_jax import anchors as anchors_lib
+from maskx_jax import boxes as box_ops
+from maskx_jax.layers import Conv2d
+from maskx_jax.nms import batched_nms_padded
+from maskx_jax.types import Proposals
+
+Array = jax.Array
+
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+class RPNHead(nnx.Module):
+    """3x3 conv + ReLU shared over levels, then 1x1 ``cls_logits`` (A) and ``bbox_pred`` (4A).
+
+    Initialised N(0, 0.01) with zero bias, as torchvision does.
+    """
+
+    def __init__(self, in_channels: int = 256, num_anchors: int = 3, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.01)
+        self.num_anchors: int = num_anchors
+        self.conv = Conv2d(in_channels, in_channels, 3, padding=1, kernel_init=init, rngs=rngs)
+        self.cls_logits = Conv2d(in_channels, num_anchors, 1, kernel_init=init, rngs=rngs)
+        self.bbox_pred = Conv2d(in_channels, 4 * num_anchors, 1, kernel_init=init, rngs=rngs)
+
+    def __call__(self, features: Sequence[Array]) -> tuple[Array, Array]:
+        """features: per level [N, H_l, W_l, C].
+
+        Returns objectness logits [N, T] and box deltas [N, T, 4], T = sum_l H_l * W_l * A, in
+        torchvision's order (level, then row-major location, then anchor). NHWC makes this a plain
+        reshape: channel a*4+c of ``bbox_pred`` is anchor a's coordinate c, as in torchvision.
+        """
+        logits, deltas = [], []
+        for x in features:
+            t = jax.nn.relu(self.conv(x))
+            n = t.shape[0]
+            logits.append(self.cls_logits(t).reshape(n, -1))
+            deltas.append(self.bbox_pred(t).reshape(n, -1, 4))
+        return jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1)
+
+
+class RPN(nnx.Module):
+    """Holds the head (parameter path ``rpn.head.*``) and the static anchor / selection settings."""
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        *,
+        anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,)),
+        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        rngs: nnx.Rngs,
+    ):
+        self.anchor_sizes: tuple[tuple[int, ...], ...] = anchor_sizes
+        self.aspect_ratios: tuple[float, ...] = aspect_ratios
+        self.head = RPNHead(in_channels, len(anchor_sizes[0]) * len(aspect_ratios), rngs=rngs)
+
+    def anchors(self, image_hw: tuple[int, int], features: Sequence[Array]) -> tuple[np.ndarray, list[int]]:
+        """Anchors [T, 4] for the padded input size and per-level counts (NumPy, static)."""
+        feature_sizes = [tuple(int(d) for d in f.shape[1:3]) for f in features]
+        return anchors_lib.anchor_grid(tuple(image_hw), feature_sizes, self.anchor_sizes,
+                                       (tuple(self.aspect_ratios),) * len(self.anchor_sizes))
+
+    def __call__(self, features: Sequence[Array], image_hw: tuple[int, int]) -> tuple[Array, Array, np.ndarray, list[int]]:
+        """Head outputs plus the matching anchors: (logits [N,T], deltas [N,T,4], anchors [T,4], counts)."""
+        logits, deltas = self.head(features)
+        anchors, counts = self.anchors(image_hw, features)
+        return logits, deltas, anchors, counts
+
+
+def select_proposals(
+    logits: Array,
+    deltas: Array,
+    anchors: np.ndarray,
+    level_counts: Sequence[int],
+    image_sizes: Array,
+    *,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float = 0.7,
+    min_size: float = 1e-3,
+    score_thresh: float = 0.0,
+) -> Proposals:
+    """torchvision's proposal filtering with static shapes.
+
+    Args:
+      logits: [N, T] objectness logits; deltas: [N, T, 4]; anchors: [T, 4] (level-major).
+      level_counts: anchors per level (static). image_sizes: [N, 2] int (h, w) before padding.
+      pre_nms_top_n: per level (torchvision: 1000 test / 2000 train). post_nms_top_n: per image.
+    Returns:
+      Proposals with boxes [N, post_nms_top_n, 4], sigmoid scores, and ``valid``; sorted by score.
+    """
+    # Gradients never flow through proposals (torchvision detaches them too).
+    logits = jax.lax.stop_gradient(logits)
+    deltas = jax.lax.stop_gradient(deltas)
+    idx_parts, lvl_parts = [], []
+    start = 0
+    for level, count in enumerate(level_counts):
+        k = min(pre_nms_top_n, count)
+        _, idx = jax.lax.top_k(logits[:, start:start + count], k)
+        idx_parts.append(idx + start)
+        lvl_parts.append(np.full((k,), level, np.int32))
+        start += count
+    idx = jnp.concatenate(idx_parts, axis=1)  # [N, C]
+    levels = jnp.asarray(np.concatenate(lvl_parts))  # [C]
+    anchors = jnp.asarray(anchors)
+
+    def per_image(logit, delta, index, hw):
+        cand_logits = logit[index]
+        boxes = box_ops.decode(delta[index], anchors[index], RPN_BOX_WEIGHTS, math.log(1000.0 / 16))
+        boxes = box_ops.clip_boxes(boxes, hw[0], hw[1])
+        scores = jax.nn.sigmoid(cand_logits)
+        valid = box_ops.small_box_mask(boxes, min_size) & (scores >= score_thresh)
+        keep, keep_valid = batched_nms_padded(boxes, scores, levels, valid, nms_thresh, post_nms_top_n)
+        return Proposals(boxes=boxes[keep], scores=jnp.where(keep_valid, scores[keep], 0.0), valid=keep_valid)
+
+    return jax.vmap(per_image)(logits, deltas, idx, image_sizes)
