@@ -88,14 +88,6 @@ def test_rpn_head_outputs(models):
     assert _rel_err(deltas, t_del) <= REL_TOL
 
 
-def _match(ref_boxes, boxes) -> np.ndarray:
-    """IoU of each reference box with its best match (greedy one-to-one by IoU)."""
-    if len(ref_boxes) == 0:
-        return np.zeros((0,))
-    iou = np.asarray(box_iou(jnp.asarray(ref_boxes), jnp.asarray(boxes)))
-    return iou.max(1)
-
-
 def test_proposals_match_torchvision(models):
     """Same head outputs in -> same proposals out (per-level top-k, NMS per level, top-n)."""
     ref, _ = models
@@ -110,7 +102,7 @@ def test_proposals_match_torchvision(models):
     deltas = rng.normal(0, 0.5, size=(n, total, 4)).astype(np.float32)
     with torch.no_grad():
         t_props = ref.rpn.box_coder.decode(torch.from_numpy(deltas).reshape(-1, 4).unsqueeze(1),
-                                           [torch.from_numpy(anchors)] * n).view(n, -1, 4)
+                                           [torch.from_numpy(anchors.copy())] * n).view(n, -1, 4)
         t_boxes, t_scores = ref.rpn.filter_proposals(t_props, torch.from_numpy(logits).reshape(n, -1),
                                                      image_sizes, counts)
     props = jax.jit(lambda lg, dl, hw: select_proposals(lg, dl, anchors, counts, hw, pre_nms_top_n=1000,
@@ -120,10 +112,21 @@ def test_proposals_match_torchvision(models):
         valid = np.asarray(props.valid[i])
         got_boxes = np.asarray(props.boxes[i])[valid]
         assert valid.sum() == len(t_boxes[i])
-        # Sorted by score in both: compare row by row, then by IoU.
-        np.testing.assert_allclose(np.asarray(props.scores[i])[valid], t_scores[i].numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got_boxes, t_boxes[i].numpy(), rtol=1e-5, atol=1e-3)
-        assert _match(t_boxes[i].numpy(), got_boxes).min() >= 0.999
+        # Both are sorted by score. Sigmoid probabilities near 1 tie in float32, and torch's and
+        # XLA's sigmoid differ by 1 ulp on ~0.4% of inputs, which can swap (near-)tied neighbours.
+        # So rows are matched one to one: score within 2.5e-7 (a few ulp) and box IoU >= 0.999.
+        got_scores = np.asarray(props.scores[i])[valid]
+        ref_b, ref_s = t_boxes[i].numpy(), t_scores[i].numpy()
+        np.testing.assert_allclose(got_scores, ref_s, rtol=0, atol=2.5e-7)
+        iou = np.asarray(box_iou(jnp.asarray(ref_b), jnp.asarray(got_boxes)))
+        close = np.abs(ref_s[:, None] - got_scores[None, :]) <= 2.5e-7
+        used = np.zeros(len(got_boxes), bool)
+        for j in range(len(ref_b)):
+            cand = np.where(close[j] & ~used)[0]
+            assert len(cand), (i, j)
+            best = cand[np.argmax(iou[j, cand])]
+            assert iou[j, best] >= 0.999, (i, j, iou[j, best])
+            used[best] = True
 
 
 def test_box_and_mask_heads(models):
