@@ -124,6 +124,7 @@ class _Payload:
         return (os.system, (f"touch {_Payload.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     _Payload.marker = str(marker)
