@@ -39,3 +39,35 @@ class Detections:
     labels: Array
     valid: Array
     masks: Array
+
+
+@struct.dataclass
+class Batch:
+    """One training (or evaluation) batch, padded to static shapes. B images, G instance slots.
+
+    images:         [B, H, W, 3] float32, normalised (ImageNet mean/std on [0, 1] RGB), zero-padded.
+    image_sizes:    [B, 2] int32, (h, w) of the resized image inside the padding.
+    gt_boxes:       [B, G, 4] float32, XYXY in the resized input frame.
+    gt_classes:     [B, G] int32, contiguous 1..K (0 in padded slots).
+    gt_valid:       [B, G] bool, real instance slots.
+    gt_crowd:       [B, G] bool, COCO ``iscrowd`` regions: never matched, anchors/RoIs that
+                    overlap them are ignored rather than called background.
+    gt_has_mask:    [B, G] bool, this instance's mask may supervise the mask loss (set A / per
+                    annotation). Box and class losses use every valid instance.
+    gt_masks:       [B, G, S, S] float32 in [0, 1]: each instance's mask cropped to its gt box and
+                    resampled to S x S on the host (S = ``data.mask_crop_size``); the device
+                    resamples mask targets for RoIs from these crops.
+    image_ids:      [B] int32, dataset image id (-1 for padding images in an eval batch).
+    original_sizes: [B, 2] int32, (h, w) of the image as stored on disk.
+    """
+
+    images: Array
+    image_sizes: Array
+    gt_boxes: Array
+    gt_classes: Array
+    gt_valid: Array
+    gt_crowd: Array
+    gt_has_mask: Array
+    gt_masks: Array
+    image_ids: Array
+    original_sizes: Array

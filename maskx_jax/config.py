@@ -1,0 +1,141 @@
+"""The configuration schema: every key, its default and its meaning.
+
+Experiment files in ``configs/`` start from :func:`base_config` and override what they need;
+``train.py`` applies command-line overrides (``--config.train.steps=200``) on top. The returned
+ConfigDict is locked, so a misspelt key is an error, and ml_collections rejects a value of the
+wrong type. :func:`validate` checks the options against each other before anything compiles.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+MASK_MODES = ("class_specific", "class_agnostic", "transfer")
+TRANSFER_INPUTS = ("cls", "box", "cls+box")
+ACTIVATIONS = ("leaky_relu", "relu")
+NORMS = ("frozen_bn", "group_norm")
+SOURCES = ("synthetic", "coco", "tfds")
+MASK_SUPERVISION = ("by_class",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.depth = 50  # ResNet depth: 18, 34, 50, 101
+    m.norm = "frozen_bn"  # frozen_bn (pretrained backbones) | group_norm (trains from scratch)
+    m.norm_eps = 1e-5
+    m.freeze_at = 2  # stop-gradient through the stem (1) and layer1 (2); 0 trains everything
+    m.fpn_channels = 256
+    m.representation = 1024  # box head fc6/fc7 width
+    m.mask_head_channels = 256
+    m.aligned = False  # RoIAlign pixel alignment (True = Detectron2's ROIAlignV2)
+    m.sampling_ratio = 2
+    # Mask^X: how the per-class mask weights are produced
+    m.mask_mode = "transfer"  # class_specific (oracle Mask R-CNN) | class_agnostic | transfer
+    m.transfer_input = "cls+box"  # cls | box | cls+box: which detection weights embed a class
+    m.transfer_layers = 2  # tau depth: 1, 2 or 3 FC layers
+    m.transfer_hidden = 256  # tau hidden width (and the mask feature width it must match)
+    m.transfer_activation = "leaky_relu"  # leaky_relu (slope 0.1) | relu
+    m.stop_det_grad = True  # stop_gradient on the detection weights fed to tau
+    m.mlp_fusion = True  # add a class-agnostic FC mask prediction to every class's logits
+    # RPN
+    m.rpn_pre_nms_top_n_train = 2000
+    m.rpn_post_nms_top_n_train = 2000
+    m.rpn_pre_nms_top_n_test = 1000
+    m.rpn_post_nms_top_n_test = 1000
+    m.rpn_nms_thresh = 0.7
+    m.rpn_fg_iou_thresh = 0.7
+    m.rpn_bg_iou_thresh = 0.3
+    m.rpn_batch_size_per_image = 256
+    m.rpn_positive_fraction = 0.5
+    # RoI heads
+    m.roi_fg_iou_thresh = 0.5
+    m.roi_batch_size_per_image = 512
+    m.roi_positive_fraction = 0.25
+    m.box_score_thresh = 0.05
+    m.box_nms_thresh = 0.5
+    m.detections_per_img = 100
+    m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "synthetic"  # synthetic | coco | tfds
+    d.train_json = ""  # COCO annotation file (source=coco)
+    d.train_images = ""  # image folder (source=coco)
+    d.val_json = ""
+    d.val_images = ""
+    d.tfds_name = "coco/2017"  # source=tfds (box-only: tfds coco has no instance masks)
+    d.tfds_data_dir = ""
+    d.set_a = ""  # comma-separated class names with mask supervision, or a preset: voc | nonvoc | all
+    d.mask_supervision = "by_class"
+    d.min_size = 800
+    d.max_size = 1333
+    d.pad_height = 800  # static padded input size (multiple of 32); images are resized to fit
+    d.pad_width = 1344
+    d.max_instances = 100  # static instance slots per image (extra instances are dropped, counted)
+    d.mask_crop_size = 56  # host-side per-instance mask crop resolution
+    d.hflip_prob = 0.5
+    d.num_workers = 2  # host decoding threads
+    d.prefetch = 4  # batches prepared ahead of the device
+    # built-in synthetic dataset (generated on first use into data.synthetic_dir)
+    d.synthetic_dir = "runs/synthetic_data"
+    d.synthetic_num_train = 600
+    d.synthetic_num_val = 100
+    d.synthetic_image_size = 128
+    d.synthetic_seed = 0
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 16  # global, over all devices and hosts
+    t.steps = 90000
+    t.lr = 0.02
+    t.momentum = 0.9
+    t.weight_decay = 1e-4
+    t.warmup_steps = 1000
+    t.warmup_factor = 0.001
+    t.lr_steps = (60000, 80000)
+    t.lr_gamma = 0.1
+    t.seed = 0
+    t.init_checkpoint = ""  # converted torchvision checkpoint (detector or resnet backbone)
+    t.checkpoint_every = 5000
+    t.keep_checkpoints = 3
+    t.log_every = 20
+    t.dtype = "float32"  # compute dtype: float32 | bfloat16
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.batch_size = 8
+    e.max_images = 0  # 0 = the whole validation set
+    e.num_pictures = 8  # prediction PNGs written after evaluation
+
+    c.lock()
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check options against each other; raise one ValueError listing every problem."""
+    errors = []
+
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    m, d, t = c.model, c.data, c.train
+    check(m.depth in (18, 34, 50, 101), f"model.depth must be 18, 34, 50 or 101, got {m.depth}")
+    check(m.norm in NORMS, f"model.norm must be one of {NORMS}, got {m.norm!r}")
+    check(m.mask_mode in MASK_MODES, f"model.mask_mode must be one of {MASK_MODES}, got {m.mask_mode!r}")
+    check(m.transfer_input in TRANSFER_INPUTS, f"model.transfer_input must be one of {TRANSFER_INPUTS}, got {m.transfer_input!r}")
+    check(m.transfer_layers in (1, 2, 3), f"model.transfer_layers must be 1, 2 or 3, got {m.transfer_layers}")
+    check(m.transfer_activation in ACTIVATIONS, f"model.transfer_activation must be one of {ACTIVATIONS}")
+    check(m.transfer_hidden == m.mask_head_channels or m.mask_mode != "transfer",
+          "model.transfer_hidden must equal model.mask_head_channels (tau outputs 1x1 conv weights on those features)")
+    check(m.sampling_ratio >= 1, "model.sampling_ratio must be >= 1 (adaptive sampling has no static shape)")
+    check(0 <= m.freeze_at <= 5, "model.freeze_at must be in [0, 5]")
+    check(0 < m.roi_positive_fraction <= 1 and 0 < m.rpn_positive_fraction <= 1, "positive fractions must be in (0, 1]")
+    check(d.source in SOURCES, f"data.source must be one of {SOURCES}, got {d.source!r}")
+    check(d.pad_height % 32 == 0 and d.pad_width % 32 == 0, "data.pad_height / pad_width must be multiples of 32")
+    check(d.mask_supervision in MASK_SUPERVISION, f"data.mask_supervision must be one of {MASK_SUPERVISION}")
+    check(d.source != "coco" or bool(d.train_json and d.train_images), "data.source=coco needs data.train_json and data.train_images")
+    check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
+    check(list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps must be increasing")
+    check(t.dtype in ("float32", "bfloat16"), "train.dtype must be float32 or bfloat16")
+    check(m.mask_mode != "transfer" or d.set_a.strip() != "", "model.mask_mode=transfer needs a non-empty data.set_a")
+    if errors:
+        raise ValueError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
