@@ -5,11 +5,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import optax
+from flax import nnx, struct
 
 from maskx_jax import boxes as box_ops
 from maskx_jax.layers import Linear
+from maskx_jax.matching import match, sample
 from maskx_jax.nms import nms_padded
+from maskx_jax.rpn import smooth_l1
 
 Array = jax.Array
 
@@ -108,3 +111,70 @@ def detect_boxes(
     out_valid = jnp.isfinite(top_scores)
     return (cls_boxes.reshape(-1, 4)[top], jnp.where(out_valid, top_scores, 0.0), labels.reshape(-1)[top],
             out_valid)
+
+
+@struct.dataclass
+class RoISamples:
+    """RoIs sampled for the box/mask losses, per image: S = ``batch_size_per_image`` slots.
+
+    rois [N, S, 4]; is_pos, valid [N, S] bool (positives fill the first slots); matched [N, S] int32
+    index of the matched gt (meaningful where is_pos); labels [N, S] int32 class target (0 = bg).
+    """
+
+    rois: Array
+    is_pos: Array
+    valid: Array
+    matched: Array
+    labels: Array
+
+
+def sample_rois(
+    proposals: Array,
+    proposal_valid: Array,
+    gt_boxes: Array,
+    gt_classes: Array,
+    gt_valid: Array,
+    gt_crowd: Array,
+    key: Array,
+    *,
+    fg_iou_thresh: float = 0.5,
+    batch_size_per_image: int = 512,
+    positive_fraction: float = 0.25,
+) -> RoISamples:
+    """torchvision ``RoIHeads.select_training_samples``: append gt boxes to the proposals, match at
+    IoU 0.5 (below is background), sample 512 RoIs per image at up to 25% positive.
+
+    proposals [N, P, 4], proposal_valid [N, P]; gt_* [N, G, ...].
+    """
+    keys = jax.random.split(key, proposals.shape[0])
+
+    def per_image(props, pvalid, boxes, classes, valid, crowd, k):
+        cand = jnp.concatenate([jax.lax.stop_gradient(props), boxes], axis=0)
+        cvalid = jnp.concatenate([pvalid, valid & ~crowd], axis=0)
+        matched, labels = match(cand, boxes, valid, crowd, fg_thresh=fg_iou_thresh, bg_thresh=fg_iou_thresh,
+                                allow_low_quality=False)
+        idx, is_pos, ok = sample(labels, cvalid, batch_size_per_image, positive_fraction, k)
+        m = matched[idx]
+        return RoISamples(rois=cand[idx], is_pos=is_pos, valid=ok, matched=m,
+                          labels=jnp.where(is_pos, classes[m], 0).astype(jnp.int32))
+
+    return jax.vmap(per_image)(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, gt_crowd, keys)
+
+
+def box_losses(class_logits: Array, box_deltas: Array, samples: RoISamples, gt_boxes: Array) -> tuple[Array, Array]:
+    """torchvision ``fastrcnn_loss``: cross-entropy over sampled RoIs and smooth-L1 (beta 1/9) on the
+    gt class's deltas of positive RoIs, both divided by the number of sampled RoIs in the batch.
+
+    class_logits [N, S, K+1]; box_deltas [N, S, 4(K+1)]; gt_boxes [N, G, 4].
+    """
+    n, s, k1 = class_logits.shape
+    denom = jnp.maximum(samples.valid.sum(), 1).astype(class_logits.dtype)
+    ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, samples.labels)
+    loss_cls = jnp.sum(jnp.where(samples.valid, ce, 0.0)) / denom
+    deltas = box_deltas.reshape(n, s, k1, 4)
+    own = jnp.take_along_axis(deltas, samples.labels[..., None, None], axis=2)[:, :, 0]  # [N, S, 4]
+    matched_boxes = jnp.take_along_axis(gt_boxes, samples.matched[..., None], axis=1)
+    target = box_ops.encode(matched_boxes, jax.lax.stop_gradient(samples.rois), ROI_BOX_WEIGHTS)
+    reg = smooth_l1(own - target, 1.0 / 9).sum(-1)
+    loss_box = jnp.sum(jnp.where(samples.is_pos, reg, 0.0)) / denom
+    return loss_cls, loss_box

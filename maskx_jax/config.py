@@ -39,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.stop_det_grad = True  # stop_gradient on the detection weights fed to tau
     m.mlp_fusion = True  # add a class-agnostic FC mask prediction to every class's logits
     # RPN
+    m.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))  # one tuple per level P2..P6
+    m.aspect_ratios = (0.5, 1.0, 2.0)
     m.rpn_pre_nms_top_n_train = 2000
     m.rpn_post_nms_top_n_train = 2000
     m.rpn_pre_nms_top_n_test = 1000
@@ -56,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.box_nms_thresh = 0.5
     m.detections_per_img = 100
     m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
+    m.box_roi_size = 7
+    m.mask_roi_size = 14  # mask logits are 2x this (28x28)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # synthetic | coco | tfds
@@ -65,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_images = ""
     d.tfds_name = "coco/2017"  # source=tfds (box-only: tfds coco has no instance masks)
     d.tfds_data_dir = ""
+    d.tfds_train_split = "train"  # tfds split used for training
+    d.tfds_val_split = "validation"  # tfds split for evaluation when data.val_json is empty (box AP only)
     d.set_a = ""  # comma-separated class names with mask supervision, or a preset: voc | nonvoc | all
     d.mask_supervision = "by_class"
     d.min_size = 800
@@ -76,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.hflip_prob = 0.5
     d.num_workers = 2  # host decoding threads
     d.prefetch = 4  # batches prepared ahead of the device
+    d.drop_images_without_annotations = True  # train only: skip (counted) images with no usable non-crowd instance
+    d.cache_dir = "runs/data_cache"  # derived files: cleaned validation JSON, tfds validation JSON
     # built-in synthetic dataset (generated on first use into data.synthetic_dir)
     d.synthetic_dir = "runs/synthetic_data"
     d.synthetic_num_train = 600
@@ -99,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.log_every = 20
     t.dtype = "float32"  # compute dtype: float32 | bfloat16
+    t.on_nonfinite = "stop"  # non-finite loss: stop (name the step, keep the last good checkpoint) | skip (drop that update, count it)
 
     c.eval = e = ml_collections.ConfigDict()
     e.batch_size = 8

@@ -1,8 +1,10 @@
-"""Mask R-CNN (torchvision-compatible) in Flax NNX: the module tree and ``predict``.
+"""Mask R-CNN / Mask^X R-CNN in Flax NNX: the module tree, ``losses`` and ``predict``.
 
 The parameter tree mirrors torchvision's ``MaskRCNN`` (``backbone``, ``rpn.head``, ``roi_heads.*``)
-so converted checkpoints need no reordering. Training losses live elsewhere; this file holds the
-inference path, a single jit-compilable function of static shape.
+so converted checkpoints need no reordering; Mask^X adds ``roi_heads.weight_transfer`` (tau) and
+``roi_heads.mask_predictor.mask_mlp`` (MLP fusion). Training (``losses``) and inference
+(``predict``) are separate methods, each a pure function of the module state and static-shape
+inputs, so each jit-compiles once per input shape.
 """
 from __future__ import annotations
 
@@ -13,21 +15,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maskx_jax.box_head import FastRCNNPredictor, TwoMLPHead, detect_boxes
+from maskx_jax.box_head import FastRCNNPredictor, TwoMLPHead, box_losses, detect_boxes, sample_rois
 from maskx_jax.fpn import ResNetFPN
-from maskx_jax.mask_head import MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels
+from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss,
+                                 mask_targets)
 from maskx_jax.roi_align import multiscale_roi_align
-from maskx_jax.rpn import RPN, select_proposals
-from maskx_jax.types import Detections
+from maskx_jax.rpn import RPN, rpn_losses, select_proposals
+from maskx_jax.types import Batch, Detections
+from maskx_jax.weight_transfer import WeightTransfer, class_embedding
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class DetectorConfig:
-    """Typed architecture + inference settings. Defaults are torchvision ``maskrcnn_resnet50_fpn`` (v1).
+    """Typed architecture, training-target and inference settings of one detector.
 
-    num_classes counts the background (COCO: 91 = background + 90 category slots, as torchvision).
+    Defaults are torchvision ``maskrcnn_resnet50_fpn`` (v1) with a class-specific mask head.
+    ``num_classes`` counts the background (COCO in torchvision: 91). ``build_model`` maps the
+    ml_collections experiment config onto this; modules never see the experiment config.
     """
 
     depth: int = 50
@@ -39,18 +45,37 @@ class DetectorConfig:
     # RPN
     anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
     rpn_nms_thresh: float = 0.7
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
     # RoI heads
     box_roi_size: int = 7
     mask_roi_size: int = 14
     sampling_ratio: int = 2
     aligned: bool = False
     representation: int = 1024
+    roi_fg_iou_thresh: float = 0.5
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    max_mask_rois_per_image: int = 128
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # Mask branch / Mask^X
+    mask_head_channels: int = 256
+    mask_mode: str = "class_specific"  # class_specific | class_agnostic | transfer
+    transfer_input: str = "cls+box"
+    transfer_layers: int = 2
+    transfer_hidden: int = 256
+    transfer_activation: str = "leaky_relu"
+    stop_det_grad: bool = True
+    mlp_fusion: bool = False
 
     @property
     def pooler_scales(self) -> tuple[float, ...]:
@@ -59,18 +84,26 @@ class DetectorConfig:
 
 
 class RoIHeads(nnx.Module):
-    """Box and mask branches with torchvision's attribute names."""
+    """Box and mask branches with torchvision's attribute names (+ ``weight_transfer`` for Mask^X)."""
 
     def __init__(self, cfg: DetectorConfig, *, rngs: nnx.Rngs):
-        c = cfg.fpn_channels
+        c, mc = cfg.fpn_channels, cfg.mask_head_channels
         self.box_head = TwoMLPHead(c, cfg.box_roi_size, cfg.representation, rngs=rngs)
         self.box_predictor = FastRCNNPredictor(cfg.representation, cfg.num_classes, rngs=rngs)
-        self.mask_head = MaskRCNNHeads(c, 256, rngs=rngs)
-        self.mask_predictor = MaskRCNNPredictor(256, 256, cfg.num_classes, rngs=rngs)
+        self.mask_head = MaskRCNNHeads(c, mc, rngs=rngs)
+        self.mask_predictor = MaskRCNNPredictor(mc, mc, cfg.num_classes, mode=cfg.mask_mode,
+                                                mlp_fusion=cfg.mlp_fusion, resolution=2 * cfg.mask_roi_size,
+                                                rngs=rngs)
+        self.weight_transfer = (
+            WeightTransfer(cfg.representation, input_kind=cfg.transfer_input, num_layers=cfg.transfer_layers,
+                           hidden=cfg.transfer_hidden, out_dim=mc, activation=cfg.transfer_activation,
+                           stop_det_grad=cfg.stop_det_grad, rngs=rngs)
+            if cfg.mask_mode == "transfer" else None)
 
 
 class MaskRCNN(nnx.Module):
-    """Mask R-CNN. ``predict`` maps a padded image batch to fixed-size :class:`Detections`."""
+    """Mask R-CNN (``mask_mode='class_specific'``) and Mask^X R-CNN (``'transfer'``) and the
+    class-agnostic baseline (``'class_agnostic'``)."""
 
     def __init__(self, cfg: DetectorConfig, *, rngs: nnx.Rngs):
         self.cfg: DetectorConfig = cfg
@@ -79,10 +112,44 @@ class MaskRCNN(nnx.Module):
         self.rpn = RPN(cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes, aspect_ratios=cfg.aspect_ratios, rngs=rngs)
         self.roi_heads = RoIHeads(cfg, rngs=rngs)
 
+    # ----------------------------------------------------------------------------- mask logits
     def mask_class_weights(self) -> tuple[Array, Array | None]:
-        """Per-class 1x1 mask weights [K+1, 256] and bias [K+1]; Mask^X overrides this with tau."""
-        return self.roi_heads.mask_predictor.class_weights()
+        """Every class's 1x1 mask weights [K+1, C] (or [1, C] class-agnostic) and bias (None for tau)."""
+        rh = self.roi_heads
+        if rh.weight_transfer is not None:
+            bp = rh.box_predictor
+            return rh.weight_transfer(bp.cls_score.kernel[...], bp.bbox_pred.kernel[...]), None
+        return rh.mask_predictor.class_weights()
 
+    def mask_logits(self, features: Array, labels: Array) -> Array:
+        """Logits of each RoI's own class. features [R, 28, 28, C], labels [R] in 0..K -> [R, 28, 28].
+
+        In transfer mode tau runs only on the R gathered class embeddings, so the cost does not
+        grow with the vocabulary K (the paper's ~3000-class use).
+        """
+        rh = self.roi_heads
+        if rh.weight_transfer is not None:
+            bp = rh.box_predictor
+            wt = rh.weight_transfer
+            emb = class_embedding(bp.cls_score.kernel[...], bp.bbox_pred.kernel[...], wt.input_kind)[labels]
+            weight = wt.transform(emb)
+            logits = mask_logits_for_labels(features, weight, None, None)
+        else:
+            weight, bias = rh.mask_predictor.class_weights()
+            idx = labels if weight.shape[0] > 1 else jnp.zeros_like(labels)
+            logits = mask_logits_for_labels(features, weight, bias, idx)
+        fused = rh.mask_predictor.fusion(features)
+        return logits if fused is None else logits + fused
+
+    def _mask_features(self, pooled: list[Array], boxes: Array) -> Array:
+        """boxes [N, R, 4] -> conv5 mask features [N*R, 28, 28, C]."""
+        cfg = self.cfg
+        feats = multiscale_roi_align(pooled, boxes, (cfg.mask_roi_size,) * 2, cfg.sampling_ratio, cfg.aligned,
+                                     cfg.pooler_scales)
+        feats = feats.reshape(-1, *feats.shape[2:])
+        return self.roi_heads.mask_predictor.features(self.roi_heads.mask_head(feats))
+
+    # ----------------------------------------------------------------------------- inference
     def predict(self, images: Array, image_sizes: Array) -> Detections:
         """Inference on a padded batch.
 
@@ -107,20 +174,58 @@ class MaskRCNN(nnx.Module):
             detections_per_img=cfg.detections_per_img)
         boxes, scores, labels, valid = jax.vmap(post)(class_logits, box_deltas, props.boxes, props.valid,
                                                       image_sizes)
-        masks = self.mask_probs(pooled, boxes, labels)
+        n, d = labels.shape
+        mask = self.mask_logits(self._mask_features(pooled, boxes), labels.reshape(-1))
+        masks = jax.nn.sigmoid(mask).reshape(n, d, *mask.shape[1:])
         return Detections(boxes=boxes, scores=scores, labels=labels, valid=valid, masks=masks)
 
-    def mask_probs(self, pooled: list[Array], boxes: Array, labels: Array) -> Array:
-        """Mask probabilities of each box's own class: boxes [N, D, 4], labels [N, D] -> [N, D, 28, 28]."""
+    # ----------------------------------------------------------------------------- training
+    def losses(self, batch: Batch, rng: Array) -> tuple[Array, dict[str, Array]]:
+        """All training losses for a padded batch (see :class:`maskx_jax.types.Batch`).
+
+        Returns (total, {loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
+        loss_mask}); the mask loss counts only positive RoIs whose matched gt has a mask
+        (``gt_has_mask``: set A), on the gt class's channel.
+        """
         cfg = self.cfg
-        n, d = labels.shape
-        feats = multiscale_roi_align(pooled, boxes, (cfg.mask_roi_size,) * 2, cfg.sampling_ratio, cfg.aligned,
-                                     cfg.pooler_scales)
-        feats = feats.reshape(n * d, *feats.shape[2:])
-        feats = self.roi_heads.mask_predictor.features(self.roi_heads.mask_head(feats))
-        weight, bias = self.mask_class_weights()
-        logits = mask_logits_for_labels(feats, weight, bias, labels.reshape(-1))
-        return jax.nn.sigmoid(logits).reshape(n, d, *logits.shape[1:])
+        k_rpn, k_roi = jax.random.split(rng)
+        feats = self.backbone(batch.images)
+        logits, deltas, anchors, counts = self.rpn(feats, batch.images.shape[1:3])
+        loss_obj, loss_rpn_box = rpn_losses(
+            logits, deltas, anchors, batch.gt_boxes, batch.gt_valid, batch.gt_crowd, k_rpn,
+            fg_iou_thresh=cfg.rpn_fg_iou_thresh, bg_iou_thresh=cfg.rpn_bg_iou_thresh,
+            batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=cfg.rpn_positive_fraction)
+        props = select_proposals(logits, deltas, anchors, counts, batch.image_sizes,
+                                 pre_nms_top_n=cfg.rpn_pre_nms_top_n_train,
+                                 post_nms_top_n=cfg.rpn_post_nms_top_n_train, nms_thresh=cfg.rpn_nms_thresh)
+        samples = sample_rois(props.boxes, props.valid, batch.gt_boxes, batch.gt_classes, batch.gt_valid,
+                              batch.gt_crowd, k_roi, fg_iou_thresh=cfg.roi_fg_iou_thresh,
+                              batch_size_per_image=cfg.roi_batch_size_per_image,
+                              positive_fraction=cfg.roi_positive_fraction)
+        pooled = feats[:4]
+        box_feats = multiscale_roi_align(pooled, samples.rois, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
+                                         cfg.aligned, cfg.pooler_scales)
+        class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(box_feats))
+        loss_cls, loss_box = box_losses(class_logits, box_deltas, samples, batch.gt_boxes)
+
+        # Mask branch on the first M slots, where the sampler puts the positives.
+        m = min(cfg.max_mask_rois_per_image, samples.rois.shape[1])
+        n, g = batch.gt_classes.shape
+        rois, pos, matched = samples.rois[:, :m], samples.is_pos[:, :m], samples.matched[:, :m]
+        take = lambda x: jnp.take_along_axis(x, matched, axis=1)  # noqa: E731
+        supervise = pos & take(batch.gt_has_mask) & take(batch.gt_valid)
+        labels = take(batch.gt_classes)
+        logits_m = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(rois)), labels.reshape(-1))
+        matched_boxes = jnp.take_along_axis(batch.gt_boxes, matched[..., None], axis=1)
+        flat_index = (matched + jnp.arange(n, dtype=jnp.int32)[:, None] * g).reshape(-1)
+        targets = mask_targets(rois.reshape(-1, 4), matched_boxes.reshape(-1, 4),
+                               batch.gt_masks.reshape(n * g, *batch.gt_masks.shape[2:]), flat_index,
+                               resolution=logits_m.shape[-1])
+        loss_m = mask_loss(logits_m, jax.lax.stop_gradient(targets), supervise.reshape(-1))
+
+        parts = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn_box, "loss_classifier": loss_cls,
+                 "loss_box_reg": loss_box, "loss_mask": loss_m}
+        return sum(parts.values()), parts
 
 
 def build_detector(cfg: DetectorConfig, seed: int = 0) -> MaskRCNN:

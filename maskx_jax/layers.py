@@ -21,11 +21,17 @@ Initializer = Callable[..., Array]
 
 
 class FrozenStat(nnx.Variable):
-    """A buffer that is never trained: FrozenBatchNorm statistics and affine terms.
+    """A variable that is never trained: FrozenBatchNorm buffers and the weights of frozen stages.
 
-    Kept apart from ``nnx.Param`` so that optimisers (which filter on ``nnx.Param``)
-    never see it, exactly as torchvision's FrozenBatchNorm2d registers buffers.
+    Kept apart from ``nnx.Param`` so that optimisers (which filter on ``nnx.Param``) never see it
+    and hold no state for it, as torchvision's FrozenBatchNorm2d registers buffers. Checkpoint
+    paths do not depend on the type, so a frozen and a trainable model load the same files.
     """
+
+
+def variable(value: Array, frozen: bool) -> nnx.Variable:
+    """``nnx.Param(value)``, or a :class:`FrozenStat` when the owning layer is frozen."""
+    return FrozenStat(value) if frozen else nnx.Param(value)
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -49,6 +55,31 @@ class FrozenBatchNorm(nnx.Module):
         scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
         shift = self.bias[...] - self.running_mean[...] * scale
         return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """torch ``nn.GroupNorm`` over the channel axis of NHWC inputs (``weight``/``bias`` like torch).
+
+    Normalises per sample, so it trains from scratch with any per-device batch size and needs no
+    cross-device statistics (the reason it is offered beside FrozenBN).
+    """
+
+    def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, frozen: bool = False):
+        if num_features % num_groups:
+            raise ValueError(f"GroupNorm: {num_features} channels are not divisible into {num_groups} groups")
+        self.num_groups: int = num_groups
+        self.eps: float = eps
+        self.weight = variable(jnp.ones((num_features,), jnp.float32), frozen)
+        self.bias = variable(jnp.zeros((num_features,), jnp.float32), frozen)
+
+    def __call__(self, x: Array) -> Array:
+        """x: [N, H, W, C] -> [N, H, W, C]."""
+        n, h, w, c = x.shape
+        g = x.reshape(n, h, w, self.num_groups, c // self.num_groups).astype(jnp.float32)
+        mean = g.mean(axis=(1, 2, 4), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c).astype(x.dtype)
+        return y * self.weight[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
 
 
 def kaiming_normal_fan_out() -> Initializer:
@@ -78,6 +109,7 @@ class Conv2d(nnx.Module):
         use_bias: bool = True,
         kernel_init: Initializer = kaiming_normal_fan_out(),
         bias_init: Initializer = nnx.initializers.zeros_init(),
+        frozen: bool = False,
         rngs: nnx.Rngs,
     ):
         self.in_features: int = in_features
@@ -86,8 +118,8 @@ class Conv2d(nnx.Module):
         self.stride: int = stride
         self.padding: int = padding
         shape = (kernel_size, kernel_size, in_features, out_features)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
-        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32)) if use_bias else None
+        self.kernel = variable(kernel_init(rngs.params(), shape, jnp.float32), frozen)
+        self.bias = variable(bias_init(rngs.params(), (out_features,), jnp.float32), frozen) if use_bias else None
 
     def __call__(self, x: Array) -> Array:
         """x: [N, H, W, in] -> [N, H', W', out]."""

@@ -10,7 +10,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from maskx_jax.layers import Conv2d, FrozenBatchNorm, max_pool
+from maskx_jax.layers import Conv2d, FrozenBatchNorm, GroupNorm, max_pool
 
 Array = jax.Array
 
@@ -30,29 +30,35 @@ def stage_channels(depth: int) -> tuple[int, int, int, int]:
     return tuple(64 * 2**i * expansion for i in range(4))  # type: ignore[return-value]
 
 
-def make_norm(kind: str, channels: int, eps: float) -> nnx.Module:
-    """Normalisation layer by name. Only FrozenBN for now; the factory is the one place to extend."""
+def make_norm(kind: str, channels: int, eps: float, frozen: bool = False) -> nnx.Module:
+    """Normalisation layer by name: 'frozen_bn' (torchvision FrozenBatchNorm2d, for pretrained
+    backbones) or 'group_norm' (32 groups; trains from scratch)."""
     if kind == "frozen_bn":
         return FrozenBatchNorm(channels, eps=eps)
-    raise ValueError(f"unknown norm {kind!r}; expected one of: 'frozen_bn'")
+    if kind == "group_norm":
+        return GroupNorm(channels, 32, eps=eps, frozen=frozen)
+    raise ValueError(f"unknown norm {kind!r}; expected 'frozen_bn' or 'group_norm'")
 
 
-def _downsample(in_ch: int, out_ch: int, stride: int, norm: str, eps: float, rngs: nnx.Rngs) -> nnx.List | None:
+def _downsample(in_ch: int, out_ch: int, stride: int, norm: str, eps: float, frozen: bool,
+                rngs: nnx.Rngs) -> nnx.List | None:
     """torchvision's ``downsample = Sequential(conv1x1(stride), norm)`` or None when shapes match."""
     if stride == 1 and in_ch == out_ch:
         return None
-    return nnx.List([Conv2d(in_ch, out_ch, 1, stride=stride, use_bias=False, rngs=rngs), make_norm(norm, out_ch, eps)])
+    return nnx.List([Conv2d(in_ch, out_ch, 1, stride=stride, use_bias=False, frozen=frozen, rngs=rngs),
+                     make_norm(norm, out_ch, eps, frozen)])
 
 
 class BasicBlock(nnx.Module):
     """Two 3x3 convs (ResNet-18/34). x: [N,H,W,in] -> [N,H/stride,W/stride,planes]."""
 
-    def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, *, rngs: nnx.Rngs):
-        self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, use_bias=False, rngs=rngs)
-        self.bn1 = make_norm(norm, planes, eps)
-        self.conv2 = Conv2d(planes, planes, 3, padding=1, use_bias=False, rngs=rngs)
-        self.bn2 = make_norm(norm, planes, eps)
-        self.downsample = _downsample(in_ch, planes, stride, norm, eps, rngs)
+    def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, frozen: bool = False, *,
+                 rngs: nnx.Rngs):
+        self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, use_bias=False, frozen=frozen, rngs=rngs)
+        self.bn1 = make_norm(norm, planes, eps, frozen)
+        self.conv2 = Conv2d(planes, planes, 3, padding=1, use_bias=False, frozen=frozen, rngs=rngs)
+        self.bn2 = make_norm(norm, planes, eps, frozen)
+        self.downsample = _downsample(in_ch, planes, stride, norm, eps, frozen, rngs)
 
     def __call__(self, x: Array) -> Array:
         identity = x
@@ -66,15 +72,16 @@ class BasicBlock(nnx.Module):
 class Bottleneck(nnx.Module):
     """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50/101)."""
 
-    def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, *, rngs: nnx.Rngs):
+    def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, frozen: bool = False, *,
+                 rngs: nnx.Rngs):
         out_ch = planes * 4
-        self.conv1 = Conv2d(in_ch, planes, 1, use_bias=False, rngs=rngs)
-        self.bn1 = make_norm(norm, planes, eps)
-        self.conv2 = Conv2d(planes, planes, 3, stride=stride, padding=1, use_bias=False, rngs=rngs)
-        self.bn2 = make_norm(norm, planes, eps)
-        self.conv3 = Conv2d(planes, out_ch, 1, use_bias=False, rngs=rngs)
-        self.bn3 = make_norm(norm, out_ch, eps)
-        self.downsample = _downsample(in_ch, out_ch, stride, norm, eps, rngs)
+        self.conv1 = Conv2d(in_ch, planes, 1, use_bias=False, frozen=frozen, rngs=rngs)
+        self.bn1 = make_norm(norm, planes, eps, frozen)
+        self.conv2 = Conv2d(planes, planes, 3, stride=stride, padding=1, use_bias=False, frozen=frozen, rngs=rngs)
+        self.bn2 = make_norm(norm, planes, eps, frozen)
+        self.conv3 = Conv2d(planes, out_ch, 1, use_bias=False, frozen=frozen, rngs=rngs)
+        self.bn3 = make_norm(norm, out_ch, eps, frozen)
+        self.downsample = _downsample(in_ch, out_ch, stride, norm, eps, frozen, rngs)
 
     def __call__(self, x: Array) -> Array:
         identity = x
@@ -91,11 +98,11 @@ class ResNet(nnx.Module):
 
     Attributes:
       depth: 18, 34, 50 or 101.
-      freeze_at: stages whose outputs get ``stop_gradient`` (Detectron convention): 0 trains
-        everything, 1 freezes the stem, 2 the stem and layer1 (torchvision's default
-        ``trainable_backbone_layers=3``), ... 5 the whole body. The optimiser must also leave
-        those parameters alone; this only cuts the gradient.
-      norm: 'frozen_bn'. norm_eps: FrozenBN epsilon (1e-5; 0.0 for torchvision's legacy COCO weights).
+      freeze_at: frozen stages (Detectron convention): 0 trains everything, 1 freezes the stem,
+        2 the stem and layer1 (torchvision's default ``trainable_backbone_layers=3``), ... 5 the
+        whole body. Frozen stages hold their weights as :class:`FrozenStat` (never ``nnx.Param``,
+        so no optimiser state) and their outputs get ``stop_gradient``.
+      norm: 'frozen_bn' | 'group_norm'. norm_eps: epsilon (1e-5; 0.0 for torchvision's legacy COCO weights).
     """
 
     def __init__(self, depth: int = 50, *, freeze_at: int = 2, norm: str = "frozen_bn", norm_eps: float = 1e-5,
@@ -109,15 +116,15 @@ class ResNet(nnx.Module):
         kind, counts = RESNET_SPECS[depth]
         block = Bottleneck if kind == "bottleneck" else BasicBlock
         expansion = 4 if kind == "bottleneck" else 1
-        self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, use_bias=False, rngs=rngs)
-        self.bn1 = make_norm(norm, 64, norm_eps)
+        self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, use_bias=False, frozen=freeze_at >= 1, rngs=rngs)
+        self.bn1 = make_norm(norm, 64, norm_eps, freeze_at >= 1)
         in_ch = 64
         for i, n in enumerate(counts):
             planes = 64 * 2**i
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(block(in_ch, planes, stride, norm, norm_eps, rngs=rngs))
+                blocks.append(block(in_ch, planes, stride, norm, norm_eps, freeze_at >= i + 2, rngs=rngs))
                 in_ch = planes * expansion
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
 

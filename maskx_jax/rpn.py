@@ -12,11 +12,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from maskx_jax import anchors as anchors_lib
 from maskx_jax import boxes as box_ops
 from maskx_jax.layers import Conv2d
+from maskx_jax.matching import match, sample
 from maskx_jax.nms import batched_nms_padded
 from maskx_jax.types import Proposals
 
@@ -129,3 +131,52 @@ def select_proposals(
         return Proposals(boxes=boxes[keep], scores=jnp.where(keep_valid, scores[keep], 0.0), valid=keep_valid)
 
     return jax.vmap(per_image)(logits, deltas, idx, image_sizes)
+
+
+def smooth_l1(x: Array, beta: float) -> Array:
+    """torch ``smooth_l1_loss`` elementwise (reduction none): 0.5 x^2 / beta if |x| < beta else |x| - 0.5 beta."""
+    ax = jnp.abs(x)
+    return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
+
+
+def rpn_losses(
+    logits: Array,
+    deltas: Array,
+    anchors: np.ndarray,
+    gt_boxes: Array,
+    gt_valid: Array,
+    gt_crowd: Array,
+    key: Array,
+    *,
+    fg_iou_thresh: float = 0.7,
+    bg_iou_thresh: float = 0.3,
+    batch_size_per_image: int = 256,
+    positive_fraction: float = 0.5,
+) -> tuple[Array, Array]:
+    """torchvision's RPN losses with static shapes.
+
+    Anchors are matched (IoU >= 0.7 fg, < 0.3 bg, each gt's best anchors fg too), 256 per image are
+    sampled at up to half positive, objectness is sigmoid BCE averaged over the sampled anchors and
+    box regression is smooth-L1 (beta 1/9) summed over positives divided by the sampled count
+    (over the whole batch, as torchvision concatenates images).
+
+    Args:
+      logits: [N, T]; deltas: [N, T, 4]; anchors: [T, 4]; gt_boxes: [N, G, 4]; gt_valid, gt_crowd: [N, G].
+    Returns:
+      (loss_objectness, loss_rpn_box_reg) scalars.
+    """
+    anchors = jnp.asarray(anchors)
+    keys = jax.random.split(key, logits.shape[0])
+
+    def per_image(logit, delta, boxes, valid, crowd, k):
+        matched, labels = match(anchors, boxes, valid, crowd, fg_thresh=fg_iou_thresh, bg_thresh=bg_iou_thresh,
+                                allow_low_quality=True)
+        idx, is_pos, ok = sample(labels, jnp.ones(labels.shape, bool), batch_size_per_image, positive_fraction, k)
+        bce = optax.sigmoid_binary_cross_entropy(logit[idx], is_pos.astype(logit.dtype))
+        target = box_ops.encode(boxes[matched[idx]], anchors[idx], RPN_BOX_WEIGHTS)
+        reg = smooth_l1(delta[idx] - target, 1.0 / 9).sum(-1)
+        return jnp.sum(jnp.where(ok, bce, 0.0)), jnp.sum(jnp.where(is_pos, reg, 0.0)), ok.sum()
+
+    bce, reg, count = jax.vmap(per_image)(logits, deltas, gt_boxes, gt_valid, gt_crowd, keys)
+    denom = jnp.maximum(count.sum(), 1).astype(logits.dtype)
+    return bce.sum() / denom, reg.sum() / denom

@@ -1,0 +1,106 @@
+"""Robust image decoding: any file PIL can read becomes uint8 [H, W, 3] RGB, or None.
+
+Conversions are repairs and are counted (:mod:`maskx_jax.data.issues`): grayscale is
+replicated to RGB, alpha is dropped (not composited, as ``transform._to_rgb_float``),
+16-bit images are scaled to 8 bits (``round(v / 257)``, which maps 0..65535 onto 0..255),
+palette/CMYK/other modes go through PIL's ``convert('RGB')``. EXIF orientation is NOT
+applied: COCO annotations refer to the pixels as stored.
+
+A missing, truncated or corrupt file returns None after a counted warning; the caller
+decides what replaces it. PIL's global ``LOAD_TRUNCATED_IMAGES`` is left False, so a
+truncated JPEG is an error here rather than a silently grey-filled image.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from maskx_jax.data.issues import Issues
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _open(source: str | bytes) -> Image.Image:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(source)))
+    return Image.open(source)
+
+
+def read_image_size(source: str | bytes) -> tuple[int, int] | None:
+    """(height, width) from the file header without decoding the pixels; None if unreadable."""
+    try:
+        with _open(source) as img:
+            return int(img.height), int(img.width)
+    except Exception:  # noqa: BLE001 - any failure means "cannot tell"; callers count it
+        return None
+
+
+def _to_rgb_uint8(img: Image.Image, name: str, issues: Issues) -> np.ndarray:
+    """Converts a loaded PIL image to uint8 [H, W, 3], counting every non-RGB conversion."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8)
+    if mode in ("L", "1"):
+        issues.warn("image_grayscale", name, f"mode {mode}")
+        gray = np.asarray(img.convert("L"), dtype=np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "RGBA":
+        issues.warn("image_rgba", name, "mode RGBA")
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8)[:, :, :3])
+    if mode == "LA":
+        issues.warn("image_rgba", name, "mode LA")
+        issues.warn("image_grayscale", name, "mode LA")
+        gray = np.asarray(img, dtype=np.uint8)[:, :, 0]
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in _SIXTEEN_BIT_MODES:
+        issues.warn("image_16bit", name, f"mode {mode}")
+        issues.warn("image_grayscale", name, f"mode {mode}")
+        wide = np.asarray(img).astype(np.float64)
+        gray = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    issues.warn("image_other_mode", name, f"mode {mode}")
+    if mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8)[:, :, :3])
+
+
+def decode_image(source: str | bytes, name: str, issues: Issues) -> np.ndarray | None:
+    """Decodes an image file (path) or encoded bytes to uint8 [H, W, 3] RGB.
+
+    Args:
+      source: a file path, or the encoded file's bytes.
+      name: the record's name for warnings.
+      issues: counter that receives conversions and failures.
+
+    Returns:
+      uint8 [H, W, 3], or None (missing/unreadable file, counted).
+    """
+    if isinstance(source, str) and not os.path.isfile(source):
+        issues.warn("image_missing", name, source)
+        return None
+    try:
+        with _open(source) as img:
+            img.load()  # forces the full decode: truncation/corruption raises here
+            array = _to_rgb_uint8(img, name, issues)
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        issues.warn("image_unreadable", name, f"{type(e).__name__}: {e}")
+        return None
+    if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
+        issues.warn("image_unreadable", name, f"decoded shape {array.shape}")
+        return None
+    return np.ascontiguousarray(array)
+
+
+def resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of [H, W, ...] to [height, width, ...] (pixel-centre sampling).
+
+    Used only to repair an image whose decoded size disagrees with its annotation, so the
+    annotation's coordinates stay valid.
+    """
+    h, w = image.shape[:2]
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return np.ascontiguousarray(image[rows][:, cols])

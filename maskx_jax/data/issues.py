@@ -1,0 +1,126 @@
+"""Counted warnings for bad input records: every repair or skip is named, logged and counted.
+
+A data source never crashes on a bad record and never drops one silently. Each problem
+goes through :meth:`Issues.warn` with a *kind* (a short snake_case key from :data:`KINDS`),
+the record's name (file name, image id, annotation id) and a detail string. A (kind,
+record) pair is counted once, however often the record is decoded again in later epochs,
+so the counts read "how many records had this problem".
+
+The object is shared between threads (images are decoded in background workers), hence
+the lock.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+logger = logging.getLogger("maskx_jax.data")
+
+# Every kind a source may report, with what was done about it. Kinds not listed here are
+# allowed (reported as-is) so that a new check never crashes the report.
+KINDS = {
+    # image files
+    "image_missing": "image file not found: image skipped",
+    "image_unreadable": "image file corrupt/truncated/not an image: skipped (train: the next "
+                        "image is used in its place; eval: a black image is used)",
+    "image_size_mismatch": "decoded size differs from the annotation's: image resized to it",
+    "image_bad_size": "annotation width/height missing or invalid: read from the file header",
+    "image_grayscale": "grayscale image: converted to RGB",
+    "image_rgba": "image with alpha: alpha dropped",
+    "image_16bit": "16-bit image: scaled to 8 bits",
+    "image_other_mode": "unusual pixel mode (palette, CMYK, float, ...): converted to RGB",
+    "image_duplicate_id": "duplicate image id: later record skipped",
+    "image_malformed": "image record malformed (no id/file_name): skipped",
+    "image_no_annotations": "training image with no usable non-crowd instance: skipped",
+    # annotations
+    "annotation_malformed": "annotation record malformed: skipped",
+    "annotation_unknown_image": "annotation refers to an unknown image id: skipped",
+    "unknown_category": "annotation has a category id not in the category list: skipped",
+    "box_invalid": "box missing or not 4 finite numbers: annotation skipped",
+    "box_negative_size": "box with negative width/height: annotation skipped",
+    "box_degenerate": "box with zero width/height: annotation skipped",
+    "box_outside_image": "box does not overlap the image: annotation skipped",
+    "box_clipped": "box partly outside the image: clipped to it",
+    "polygon_too_few_points": "polygon part with < 3 points: part dropped",
+    "segmentation_empty": "empty/invalid segmentation: instance kept as box-only (no mask)",
+    "rle_size_mismatch": "RLE size differs from the image size: instance kept as box-only",
+    "too_many_instances": "more instances than data.max_instances: extras dropped",
+    "duplicate_category": "duplicate category id: later entry ignored",
+}
+
+
+class Issues:
+    """Thread-safe per-kind counter of repaired/skipped records.
+
+    Attributes are private; use :meth:`warn`, :meth:`counts`, :meth:`summary`, :meth:`report`.
+    """
+
+    def __init__(self, max_examples: int = 5):
+        self._lock = threading.Lock()
+        self._seen: set[tuple[str, str]] = set()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._examples: dict[str, list[str]] = collections.defaultdict(list)
+        self._max_examples = max_examples
+
+    def warn(self, kind: str, record: str, detail: str = "") -> None:
+        """Counts (once per (kind, record)) and logs one problem.
+
+        Args:
+          kind: problem key, normally one of :data:`KINDS`.
+          record: names the record (e.g. ``"train.json image 42 (000042.png)"``).
+          detail: what exactly was wrong / what was done.
+        """
+        key = (kind, record)
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+            self._counts[kind] += 1
+            if len(self._examples[kind]) < self._max_examples:
+                self._examples[kind].append(f"{record}: {detail}" if detail else record)
+        logger.warning("data %s: %s%s", kind, record, f" ({detail})" if detail else "")
+
+    def merge(self, other: "Issues") -> None:
+        """Adds ``other``'s records into this counter (dedup by (kind, record))."""
+        with other._lock:
+            items = list(other._seen)
+            examples = {k: list(v) for k, v in other._examples.items()}
+        with self._lock:
+            for key in items:
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self._counts[key[0]] += 1
+            for kind, exs in examples.items():
+                room = self._max_examples - len(self._examples[kind])
+                self._examples[kind].extend([e for e in exs if e not in self._examples[kind]][:max(room, 0)])
+
+    def counts(self) -> dict[str, int]:
+        """{kind: number of distinct records with that problem}."""
+        with self._lock:
+            return dict(self._counts)
+
+    def summary(self) -> dict[str, int]:
+        """Same as :meth:`counts` (sorted by kind)."""
+        return dict(sorted(self.counts().items()))
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())
+
+    def report(self) -> str:
+        """A printable multi-line table: kind, count, what was done, a few example records."""
+        with self._lock:
+            counts = dict(self._counts)
+            examples = {k: list(v) for k, v in self._examples.items()}
+        if not counts:
+            return "data: no bad records"
+        lines = [f"data: {sum(counts.values())} record problem(s) repaired or skipped"]
+        for kind in sorted(counts):
+            lines.append(f"  {kind:26s} {counts[kind]:6d}  {KINDS.get(kind, '')}")
+            for ex in examples.get(kind, []):
+                lines.append(f"      e.g. {ex}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Issues({self.summary()})"

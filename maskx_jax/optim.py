@@ -1,0 +1,66 @@
+"""Optimiser and learning-rate schedule, matching torchvision's detection reference recipe.
+
+torchvision ``references/detection/train.py`` trains Mask R-CNN with
+``torch.optim.SGD(params, lr, momentum, weight_decay)`` and a linear warmup
+(``LinearLR(start_factor=warmup_factor, total_iters=warmup_iters)``) chained with
+``MultiStepLR(milestones=lr_steps, gamma=lr_gamma)``. Both are reproduced here:
+
+  * torch's SGD adds ``weight_decay * param`` to the gradient *before* the momentum buffer
+    (``d_p = grad + wd * p``; ``buf = momentum * buf + d_p``; ``p -= lr * buf``), which is
+    ``optax.add_decayed_weights`` followed by ``optax.sgd`` (optax's ``trace`` is the same
+    undampened, non-Nesterov buffer, and the learning rate multiplies the buffer afterwards, as torch).
+  * lr(step) = lr * warmup(step) * gamma ** (number of lr_steps <= step), with
+    warmup(step) = warmup_factor + (1 - warmup_factor) * step / warmup_steps for step < warmup_steps
+    and 1 afterwards (the step decay also applies inside the warmup, as chained torch schedulers do).
+
+Only the trainable ``nnx.Param`` variables may be given to the optimiser (see ``train_lib``):
+weight decay would otherwise shrink frozen buffers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+
+def make_schedule(train_cfg: Any) -> optax.Schedule:
+    """The learning rate as a function of the (0-based) step number.
+
+    Args:
+      train_cfg: the ``train`` section of the config (``lr``, ``warmup_steps``, ``warmup_factor``,
+        ``lr_steps``, ``lr_gamma``).
+    Returns:
+      ``schedule(step) -> float32 scalar``; works on Python ints and traced int32 scalars alike.
+    """
+    base_lr = float(train_cfg.lr)
+    warmup_steps = int(train_cfg.warmup_steps)
+    warmup_factor = float(train_cfg.warmup_factor)
+    milestones = tuple(int(s) for s in train_cfg.lr_steps)
+    gamma = float(train_cfg.lr_gamma)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.int32)
+        if warmup_steps > 0:
+            alpha = jnp.minimum(step, warmup_steps).astype(jnp.float32) / warmup_steps
+            warm = warmup_factor * (1.0 - alpha) + alpha
+        else:
+            warm = jnp.float32(1.0)
+        decays = sum((step >= m).astype(jnp.int32) for m in milestones) if milestones else jnp.int32(0)
+        return (base_lr * warm * jnp.power(jnp.float32(gamma), decays.astype(jnp.float32))).astype(jnp.float32)
+
+    return schedule
+
+
+def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
+    """SGD with momentum and torch-style (coupled) weight decay under :func:`make_schedule`.
+
+    Args:
+      train_cfg: the ``train`` section of the config (``momentum``, ``weight_decay`` and the schedule keys).
+    """
+    parts = []
+    if float(train_cfg.weight_decay) > 0:
+        parts.append(optax.add_decayed_weights(float(train_cfg.weight_decay)))
+    momentum = float(train_cfg.momentum)
+    parts.append(optax.sgd(make_schedule(train_cfg), momentum=momentum if momentum > 0 else None))
+    return optax.chain(*parts)

@@ -1,0 +1,808 @@
+"""Training and evaluation driver: mesh and shardings, the jitted train step, checkpoints, logging.
+
+Layout of a work directory::
+
+    WORKDIR/config.json        the config of the run that created it (checked on every resume)
+    WORKDIR/checkpoints/N/     orbax checkpoint of the TrainState after N completed steps
+    WORKDIR/tb/                TensorBoard event files (every loss, lr, grad norm, images/s)
+    WORKDIR/init_checkpoint_report.json   what ``train.init_checkpoint`` loaded, by name
+    WORKDIR/metrics.json       COCO AP (all / set A / set B) of the final evaluation
+    WORKDIR/pictures/          prediction PNGs (``eval.num_pictures``)
+
+Determinism and resumption. The batch of step ``s`` is a pure function of ``(data seed, s)``
+(``data.pipeline.make_train_iterator(start_step=s)``) and the step's randomness is
+``fold_in(PRNGKey(train.seed), s)`` with ``s`` read from the train state, so a run interrupted
+at any point and re-run with the same command restarts from its latest complete checkpoint and
+continues exactly as if never stopped.
+
+Scaling. One :class:`jax.sharding.Mesh` with a ``data`` axis over every device of every process;
+batches are sharded on their leading axis, the train state is replicated (an ``fsdp`` axis would
+only change :meth:`Trainer.state_shardings`). Each process loads its own ``1/process_count`` slice
+of the global batch and :func:`jax.make_array_from_process_local_data` assembles the global array.
+Multi-process runs call :func:`jax.distributed.initialize` when the environment asks for it, see
+:func:`maybe_initialize_distributed`.
+
+Non-finite losses. The step checks the total loss and the gradient norm; when either is not
+finite the update is dropped inside the step (parameters and optimiser state stay as they were),
+and ``train.on_nonfinite`` decides what the host does: ``'stop'`` ends the run with
+:class:`NonFiniteLossError` naming the step (no checkpoint is written after it, so the last good
+checkpoint stays the latest), ``'skip'`` counts the skip, logs it and goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maskx_jax.optim import make_optimizer, make_schedule
+from maskx_jax.types import Batch, Detections
+
+Array = jax.Array
+ModelFn = Callable[[ml_collections.ConfigDict, int, int], nnx.Module]
+
+DATA_AXIS = "data"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+TB_DIR = "tb"
+METRICS_FILE = "metrics.json"
+PICTURES_DIR = "pictures"
+INIT_REPORT_FILE = "init_checkpoint_report.json"
+ON_NONFINITE = ("stop", "skip")
+
+# Config keys that fix the meaning or the shapes of the trained parameters: a checkpoint is only
+# resumed (or evaluated) with the values it was trained with. Every ``model.*`` key counts except
+# these inference-time settings, which may be changed freely at evaluation time.
+INFERENCE_ONLY_MODEL_KEYS = frozenset({
+    "model.rpn_pre_nms_top_n_test", "model.rpn_post_nms_top_n_test", "model.box_score_thresh",
+    "model.box_nms_thresh", "model.detections_per_img",
+})
+# Data keys that decide the class list (num_classes) and which classes have mask supervision.
+ARCHITECTURE_DATA_KEYS = frozenset({"data.source", "data.set_a"})
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was not finite at ``step`` and ``train.on_nonfinite='stop'``."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class ConfigMismatchError(ValueError):
+    """The work directory was trained with a different model architecture."""
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call :func:`jax.distributed.initialize` when the environment says this is a multi-process run.
+
+    The environment variable ``MASKX_DISTRIBUTED`` decides when set: ``1``/``true`` always
+    initialises, ``0``/``false`` never does. When it is unset, initialisation happens if one of
+    these is present: ``JAX_COORDINATOR_ADDRESS`` (plain multi-process launch; also set
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, which are passed on), a SLURM job step with
+    more than one task (``SLURM_STEP_ID`` and ``SLURM_NTASKS`` > 1), or Open MPI with more than
+    one rank (``OMPI_COMM_WORLD_SIZE`` > 1). JAX then detects the coordinator, the process count
+    and the process id itself (SLURM, Open MPI, Cloud TPU, Kubernetes). Must run before anything
+    touches a device. Returns whether it initialised.
+    """
+    env = os.environ
+    flag = env.get("MASKX_DISTRIBUTED", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    auto = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
+            or ("SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1)
+            or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+    if flag not in ("1", "true", "yes", "on") and not auto:
+        return False
+    kwargs = {}
+    if env.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``data`` over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _flat_config(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON types (tuples become lists), as written to ``config.json``."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def is_architecture_key(key: str) -> bool:
+    return (key.startswith("model.") and key not in INFERENCE_ONLY_MODEL_KEYS) or key in ARCHITECTURE_DATA_KEYS
+
+
+def config_differences(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
+    """[(dotted key, saved value, current value)] for every key that differs (absent = '<absent>')."""
+    a, b = _flat_config(saved), _flat_config(current)
+    missing = "<absent>"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def format_differences(diffs: Iterable[tuple[str, Any, Any]]) -> str:
+    return "\n".join(f"  {k}: {old!r} (saved) -> {new!r} (now)" for k, old, new in diffs)
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """Compare ``config`` with ``WORKDIR/config.json``; refuse architecture changes.
+
+    Returns the (allowed) differences in the other keys. Raises :class:`ConfigMismatchError`
+    with a readable diff when a model-architecture key (see :func:`is_architecture_key`) differs.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    diffs = config_differences(saved, config_to_json_dict(config))
+    arch = [d for d in diffs if is_architecture_key(d[0])]
+    if arch:
+        raise ConfigMismatchError(
+            f"{workdir} holds a run trained with a different model architecture; refusing to resume it.\n"
+            f"{format_differences(arch)}\n"
+            f"Use a new --workdir, or pass the saved values (see {path}).")
+    return diffs
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(config_to_json_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def check_scaling(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch must split evenly over devices and processes; on_nonfinite must be known."""
+    t = config.train
+    errors = []
+    if t.batch_size % mesh.size:
+        errors.append(f"train.batch_size={t.batch_size} is not divisible by the {mesh.size} devices of the mesh")
+    if t.batch_size % jax.process_count():
+        errors.append(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} processes")
+    if t.on_nonfinite not in ON_NONFINITE:
+        errors.append(f"train.on_nonfinite must be one of {ON_NONFINITE}, got {t.on_nonfinite!r}")
+    if t.checkpoint_every < 1 or t.log_every < 1:
+        errors.append("train.checkpoint_every and train.log_every must be >= 1")
+    if errors:
+        raise ValueError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+# Keys the host loop reads on every call; everything else is baked into a Trainer's compiled step.
+LOOP_ONLY_KEYS = frozenset({"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                            "train.init_checkpoint"})
+
+
+def check_trainer_config(trainer: "Trainer", config: ml_collections.ConfigDict) -> None:
+    """A reused Trainer must have been built from the same config up to loop-only and eval keys."""
+    diffs = [d for d in config_differences(config_to_json_dict(trainer.config), config_to_json_dict(config))
+             if d[0] not in LOOP_ONLY_KEYS and not d[0].startswith("eval.")]
+    if diffs:
+        raise ValueError("the given Trainer was compiled for a different config:\n" + format_differences(diffs))
+
+
+# --------------------------------------------------------------------------- train state
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree, checkpointed as a whole.
+
+    step:      int32 scalar, the number of completed steps (the next step's index).
+    params:    ``nnx.State`` of the trainable ``nnx.Param`` variables (what the optimiser sees).
+    opt_state: optax state of ``params``.
+    rest:      ``nnx.State`` of every other variable (FrozenBN buffers, frozen stages), never updated.
+    skipped:   int32 scalar, steps whose update was dropped for a non-finite loss (``on_nonfinite='skip'``).
+    halted_at: int32 scalar, the first non-finite step under ``on_nonfinite='stop'`` (-1 if none); once
+               set, no later step changes params or opt_state.
+    """
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rest: Any
+    skipped: Array
+    halted_at: Array
+
+
+def _tree_select(pred: Array, on_true: Any, on_false: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    seed: int, on_nonfinite: str) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The pure train step ``(state, batch) -> (state, metrics)``.
+
+    metrics: ``losses`` {name: scalar} as returned by ``model.losses``, ``total``, ``lr`` (of this
+    step), ``grad_norm`` (global L2 norm of the gradients), ``nonfinite`` (bool: this step's update
+    was dropped), ``skipped`` (running count) and ``step`` (this step's index).
+    """
+    stop_mode = on_nonfinite == "stop"
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.rest)
+            return model.losses(batch, rng)
+
+        (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        apply = finite & (state.halted_at < 0) if stop_mode else finite
+        halted_at = state.halted_at
+        skipped = state.skipped
+        if stop_mode:
+            halted_at = jnp.where(~finite & (halted_at < 0), state.step, halted_at)
+        else:
+            skipped = skipped + (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=_tree_select(apply, new_params, state.params),
+            opt_state=_tree_select(apply, new_opt_state, state.opt_state),
+            skipped=skipped,
+            halted_at=halted_at,
+        )
+        metrics = {
+            "losses": losses,
+            "total": total,
+            "lr": schedule(state.step),
+            "grad_norm": grad_norm,
+            "nonfinite": ~finite,
+            "skipped": skipped,
+            "step": state.step,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def _default_model_fn(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> nnx.Module:
+    from maskx_jax.model_builder import build_model
+
+    return build_model(config, num_classes, seed=seed)
+
+
+def _nnx_path(key_path: tuple) -> tuple:
+    """A ``jax.tree_util`` key path inside an ``nnx.State`` -> the NNX variable path."""
+    out = []
+    for k in key_path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(k.key)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(k.idx)
+    return tuple(out)
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+class Trainer:
+    """The compiled pieces of one experiment on one mesh: init, train step and predict.
+
+    Args:
+      config: the full config (``model``, ``train`` sections are read).
+      num_classes: number of classes including the background.
+      model_fn: ``(config, num_classes, seed) -> nnx.Module`` with ``losses(batch, rng)`` and
+        ``predict(images, image_sizes)``; defaults to ``model_builder.build_model``.
+      mesh: defaults to :func:`create_mesh` over every device.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, *, model_fn: ModelFn | None = None,
+                 mesh: Mesh | None = None):
+        self.config = config
+        self.num_classes = num_classes
+        self.model_fn = model_fn or _default_model_fn
+        self.mesh = mesh or create_mesh()
+        check_scaling(config, self.mesh)
+        t = config.train
+        self.tx = make_optimizer(t)
+        self.schedule = make_schedule(t)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+
+        graphdefs = []
+
+        def init() -> TrainState:
+            model = self.model_fn(config, num_classes, int(t.seed))
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            graphdefs.append(graphdef)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rest=rest,
+                              skipped=jnp.zeros((), jnp.int32), halted_at=jnp.full((), -1, jnp.int32))
+
+        # Trace once without computing anything: shapes for the shardings and the graph definition.
+        shapes = jax.eval_shape(init)
+        self.graphdef = graphdefs[-1]
+        self.state_shardings = self._state_shardings(shapes)
+        self._abstract_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings)
+        # Parameters are created directly with their sharding (no host copy, no device-0 detour).
+        self._init = jax.jit(init, out_shardings=self.state_shardings)
+        step_fn = make_train_step(self.graphdef, self.tx, self.schedule, int(t.seed), t.on_nonfinite)
+        self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+        graphdef = self.graphdef
+
+        def predict(params, rest, images, image_sizes) -> Detections:
+            return nnx.merge(graphdef, params, rest).predict(images, image_sizes)
+
+        self._predict = jax.jit(predict)
+
+    def _state_shardings(self, shapes: TrainState) -> TrainState:
+        """Everything replicated; the place to add an ``fsdp`` axis (shard large params and their opt state)."""
+        return jax.tree.map(lambda _: self.replicated, shapes)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+        return self._abstract_state
+
+    def init_state(self) -> TrainState:
+        return self._init()
+
+    def global_batch(self, local: Batch) -> Batch:
+        """Process-local NumPy batch (``batch_size / process_count`` images) -> global sharded arrays."""
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)), local)
+
+    def param_count(self, state: TrainState) -> tuple[int, int]:
+        """(trainable, frozen) scalar counts."""
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+        return count(state.params), count(state.rest)
+
+    # ----------------------------------------------------------------------- init checkpoint
+
+    def load_init_checkpoint(self, state: TrainState, directory: str) -> tuple[TrainState, dict]:
+        """Fill ``state`` from a converted maskx_jax checkpoint (see :mod:`maskx_jax.checkpoint`).
+
+        kind ``detector``: every model variable with the same path and shape is loaded;
+        kind ``resnet``: the checkpoint's variables go under ``backbone.body``.
+        Returns the new state and a report {kind, loaded, not_loaded (model variables left at their
+        initialisation), unused (checkpoint entries the model lacks), shape_mismatch}, all by name.
+        """
+        from maskx_jax.checkpoint import load_flat, read_meta
+
+        meta = read_meta(directory)
+        kind = meta.get("kind")
+        if kind not in ("detector", "resnet"):
+            raise ValueError(f"{directory}: unknown checkpoint kind {kind!r} (expected 'detector' or 'resnet')")
+        prefix = ("backbone", "body") if kind == "resnet" else ()
+        flat = {prefix + tuple(p): a for p, a in load_flat(directory).items()}
+        report = {"checkpoint": os.path.abspath(directory), "kind": kind, "source": meta.get("source", ""),
+                  "loaded": [], "not_loaded": [], "unused": [], "shape_mismatch": []}
+        used = set()
+
+        def fill(key_path, leaf):
+            path = _nnx_path(key_path)
+            name = _path_name(path)
+            if path not in flat:
+                report["not_loaded"].append(name)
+                return leaf
+            used.add(path)
+            value = np.asarray(flat[path])
+            if tuple(value.shape) != tuple(leaf.shape):
+                report["shape_mismatch"].append(f"{name}: checkpoint {tuple(value.shape)}, model {tuple(leaf.shape)}")
+                report["not_loaded"].append(name)
+                return leaf
+            report["loaded"].append(name)
+            value = value.astype(leaf.dtype)
+            return jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx: value[idx])
+
+        params = jax.tree_util.tree_map_with_path(fill, state.params)
+        rest = jax.tree_util.tree_map_with_path(fill, state.rest)
+        report["unused"] = sorted(_path_name(p) for p in flat if p not in used)
+        # A fresh optimiser state: momentum buffers start at zero for the loaded values too.
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        return state.replace(params=params, rest=rest, opt_state=opt_state), report
+
+    # ----------------------------------------------------------------------- inference
+
+    def make_predict_fn(self, state: TrainState) -> Callable[[Any, Any], Detections]:
+        """``(images [B, H, W, 3], image_sizes [B, 2]) -> host NumPy Detections`` with ``state``'s weights.
+
+        Every process passes the *whole* evaluation batch; it is sharded over the mesh when B divides
+        evenly, replicated otherwise, and every process gets the whole result back.
+        """
+        params, rest = state.params, state.rest
+
+        def predict(images, image_sizes) -> Detections:
+            images = np.asarray(images, np.float32)
+            image_sizes = np.asarray(image_sizes, np.int32)
+            sharding = self.batch_sharding if images.shape[0] % self.mesh.size == 0 else self.replicated
+            put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])  # noqa: E731
+            det = self._predict(params, rest, put(images), put(image_sizes))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                return multihost_utils.process_allgather(det, tiled=True)
+            return jax.device_get(det)
+
+        return predict
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def make_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=int(config.train.keep_checkpoints), create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
+
+
+def restore_state(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None = None) -> TrainState:
+    step = manager.latest_step() if step is None else step
+    return manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state()))
+
+
+def _save(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    # The save returns once the arrays are on the host; the next step may then donate (overwrite)
+    # their device buffers. On CPU the "host copy" can alias the device buffer, so wait there.
+    if jax.default_backend() == "cpu":
+        manager.wait_until_finished()
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _Logger:
+    """tqdm progress bar + TensorBoard scalars, both on process 0 only."""
+
+    def __init__(self, workdir: str, start: int, total: int, global_batch: int, log_every: int, progress: bool):
+        self.main = jax.process_index() == 0
+        self.global_batch = global_batch
+        self.log_every = log_every
+        self.writer = None
+        self.bar = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+            from tqdm.auto import tqdm
+
+            self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            disable=not progress, mininterval=1.0)
+        self.progress = progress
+        self.window: list[dict] = []
+        self.window_start: float | None = None  # wall time when the window's first step finished
+        self.window_steps = 0
+        self.images_per_sec = float("nan")
+
+    def step_done(self, m: dict) -> None:
+        """``m``: host metrics of one finished step (see :func:`make_train_step`)."""
+        now = time.perf_counter()
+        if self.window_start is None:  # first step: includes compilation, so not timed
+            self.window_start = now
+        else:
+            self.window_steps += 1
+        self.window.append(m)
+        step = int(m["step"]) + 1
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            post = {"loss": f"{float(m['total']):.4g}"}
+            post.update({k: f"{float(v):.3g}" for k, v in m["losses"].items()})
+            post["lr"] = f"{float(m['lr']):.3g}"
+            post["img/s"] = f"{self.images_per_sec:.1f}"
+            if int(m["skipped"]):
+                post["skipped"] = int(m["skipped"])
+            self.bar.set_postfix(post, refresh=False)
+        if step % self.log_every == 0:
+            self.flush_window(step, now)
+
+    def flush_window(self, step: int, now: float) -> None:
+        if not self.window:
+            return
+        if self.window_steps > 0 and now > self.window_start:
+            self.images_per_sec = self.window_steps * self.global_batch / (now - self.window_start)
+        mean = lambda xs: float(np.mean([float(x) for x in xs]))  # noqa: E731
+        finite = [m for m in self.window if not bool(m["nonfinite"])] or self.window
+        scalars = {f"loss/{k}": mean([m["losses"][k] for m in finite]) for k in finite[0]["losses"]}
+        scalars["loss/total"] = mean([m["total"] for m in finite])
+        scalars["lr"] = float(self.window[-1]["lr"])
+        scalars["grad_norm"] = mean([m["grad_norm"] for m in finite])
+        scalars["skipped"] = float(self.window[-1]["skipped"])
+        if math.isfinite(self.images_per_sec):
+            scalars["images_per_sec"] = self.images_per_sec
+        if self.main:
+            for k, v in scalars.items():
+                if math.isfinite(v):  # a skipped step's NaN stays out of the curves (see 'skipped')
+                    self.writer.add_scalar(k, v, step)
+            if not self.progress:
+                logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        self.window = []
+        self.window_start = now
+        self.window_steps = 0
+
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.main and self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    trainer: Trainer
+    step: int
+    skipped: int
+    metrics: dict | None  # evaluation metrics, when evaluated
+
+
+def _load_num_classes(config: ml_collections.ConfigDict) -> int:
+    from maskx_jax.data.pipeline import load_datasets
+
+    return int(load_datasets(config).num_classes)
+
+
+def _default_train_iter(config, *, start_step, process_index, process_count) -> Iterator[Batch]:
+    from maskx_jax.data.pipeline import make_train_iterator
+
+    return make_train_iterator(config, start_step=start_step, process_index=process_index,
+                               process_count=process_count)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer | None = None,
+          model_fn: ModelFn | None = None, num_classes: int | None = None,
+          train_iter_fn: Callable[..., Iterator[Batch]] | None = None, evaluate_at_end: bool = True,
+          progress: bool = True) -> TrainResult:
+    """Train for ``train.steps`` steps in ``workdir``, resuming from its latest checkpoint if any.
+
+    Args:
+      config: the full, validated config.
+      workdir: output directory (created); see the module docstring for its layout.
+      trainer: reuse compiled functions (tests); built from ``config`` otherwise.
+      model_fn, num_classes, train_iter_fn: overrides of the model builder, the class count (else
+        from ``data.pipeline.load_datasets``) and ``data.pipeline.make_train_iterator`` (same signature).
+      evaluate_at_end: run :func:`evaluate` after the last step.
+      progress: show the tqdm bar (scalars are logged every ``train.log_every`` steps either way).
+    Raises:
+      ConfigMismatchError: ``workdir`` holds a checkpoint trained with another architecture.
+      NonFiniteLossError: a non-finite loss under ``train.on_nonfinite='stop'``.
+    """
+    t = config.train
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    manager = make_checkpoint_manager(workdir, config)
+    latest = manager.latest_step()
+    if latest is not None:
+        changed = check_resume_config(workdir, config)
+        if changed:
+            logging.warning("resuming %s with changed settings:\n%s", workdir, format_differences(changed))
+    else:
+        write_config(workdir, config)
+
+    if trainer is None:
+        if num_classes is None:
+            num_classes = _load_num_classes(config)
+        trainer = Trainer(config, num_classes, model_fn=model_fn)
+    else:
+        check_scaling(config, trainer.mesh)
+        check_trainer_config(trainer, config)
+
+    if latest is not None:
+        state = restore_state(manager, trainer, latest)
+        logging.info("resumed from %s at step %d", os.path.join(workdir, CHECKPOINT_DIR, str(latest)), latest)
+    else:
+        state = trainer.init_state()
+        if t.init_checkpoint:
+            state, report = trainer.load_init_checkpoint(state, t.init_checkpoint)
+            _log_init_report(workdir, report)
+    trainable, frozen = trainer.param_count(state)
+    logging.info("parameters: %.2fM trainable, %.2fM frozen; mesh %s over %d devices (%d processes)",
+                 trainable / 1e6, frozen / 1e6, dict(trainer.mesh.shape), trainer.mesh.size, jax.process_count())
+
+    start = int(jax.device_get(state.step))
+    total = int(t.steps)
+    iter_fn = train_iter_fn or _default_train_iter
+    logger = _Logger(workdir, min(start, total), total, int(t.batch_size), int(t.log_every), progress)
+    skipped = int(jax.device_get(state.skipped))
+    try:
+        if start < total:
+            batches = iter_fn(config, start_step=start, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+            try:
+                state, skipped = _train_loop(trainer, state, batches, start, total, manager, logger, config)
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+    finally:
+        manager.wait_until_finished()
+        logger.close()
+    manager.close()
+    if skipped:
+        logging.warning("%d step(s) were skipped for non-finite losses", skipped)
+    result = TrainResult(state=state, trainer=trainer, step=int(jax.device_get(state.step)), skipped=skipped,
+                         metrics=None)
+    if evaluate_at_end:
+        result.metrics = evaluate(config, workdir, trainer=trainer, state=state, step=result.step)
+    return result
+
+
+def _host_metrics(metrics: dict) -> dict:
+    return jax.device_get(metrics)
+
+
+def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], start: int, total: int,
+                manager: ocp.CheckpointManager, logger: _Logger,
+                config: ml_collections.ConfigDict) -> tuple[TrainState, int]:
+    """Steps ``start .. total-1``. Metrics are read one step late, so the host never stalls the device."""
+    t = config.train
+    skipped = 0
+    pending = None  # device metrics of the step before the one in flight
+
+    def handle(m_dev) -> None:
+        nonlocal skipped
+        m = _host_metrics(m_dev)
+        step = int(m["step"])
+        skipped = int(m["skipped"])
+        if bool(m["nonfinite"]):
+            losses = ", ".join(f"{k}={float(v):.4g}" for k, v in m["losses"].items())
+            what = "loss" if not math.isfinite(float(m["total"])) else "gradient"
+            if t.on_nonfinite == "stop":
+                latest = manager.latest_step()
+                where = (f"the latest checkpoint is step {latest} in {manager.directory}" if latest is not None
+                         else "no checkpoint was written yet")
+                raise NonFiniteLossError(
+                    f"non-finite {what} at step {step} (total={float(m['total'])}, {losses}, "
+                    f"grad_norm={float(m['grad_norm'])}); stopping because train.on_nonfinite='stop'. "
+                    f"That step's update was not applied and nothing was saved after it; {where}. "
+                    f"Re-running the same command resumes from it (e.g. with a lower train.lr, or "
+                    f"train.on_nonfinite='skip').", step)
+            logging.warning("step %d: non-finite %s (total=%s, %s, grad_norm=%s); update skipped (%d skipped so far)",
+                            step, what, float(m["total"]), losses, float(m["grad_norm"]), skipped)
+        logger.step_done(m)
+
+    for step in range(start, total):
+        local = next(batches)
+        batch = trainer.global_batch(local)
+        state, metrics = trainer.train_step(state, batch)
+        if pending is not None:
+            handle(pending)
+        pending = metrics
+        done = step + 1
+        if done % int(t.checkpoint_every) == 0 or done == total:
+            handle(pending)  # know this step's outcome before saving it
+            pending = None
+            _save(manager, state, done)
+    if pending is not None:
+        handle(pending)
+    return state, skipped
+
+
+def _log_init_report(workdir: str, report: dict) -> None:
+    logging.info("init checkpoint %s (%s): loaded %d variables, %d left at initialisation, %d checkpoint entries unused",
+                 report["checkpoint"], report["kind"], len(report["loaded"]), len(report["not_loaded"]),
+                 len(report["unused"]))
+    if report["not_loaded"]:
+        logging.info("not loaded (kept at initialisation):\n  %s", "\n  ".join(report["not_loaded"]))
+    if report["shape_mismatch"]:
+        logging.warning("shape mismatch (not loaded):\n  %s", "\n  ".join(report["shape_mismatch"]))
+    if report["unused"]:
+        logging.info("checkpoint entries the model does not have:\n  %s", "\n  ".join(report["unused"]))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, INIT_REPORT_FILE), "w") as f:
+            json.dump(report, f, indent=2)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer | None = None,
+             state: TrainState | None = None, step: int | None = None, progress: bool = True) -> dict | None:
+    """COCO evaluation of ``state`` (default: the latest checkpoint in ``workdir``) on the validation set.
+
+    Writes ``WORKDIR/metrics.json`` (AP for all / set A / set B, see :mod:`maskx_jax.evaluate`) and
+    ``eval.num_pictures`` prediction PNGs to ``WORKDIR/pictures``; logs the APs to TensorBoard at
+    ``step``. Returns the metrics (``None`` when the data source has no validation set).
+    """
+    from maskx_jax import evaluate as evaluate_lib
+    from maskx_jax.data import pipeline
+
+    workdir = os.path.abspath(workdir)
+    info = pipeline.load_datasets(config)
+    if trainer is None:
+        trainer = Trainer(config, int(info.num_classes))
+    if state is None:
+        manager = make_checkpoint_manager(workdir, config)
+        latest = manager.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} to evaluate")
+        check_resume_config(workdir, config)
+        state = restore_state(manager, trainer, latest)
+        manager.close()
+        step = latest
+    step = int(jax.device_get(state.step)) if step is None else step
+    val_json = _info_field(info, "val_json")
+    if not val_json:
+        logging.warning("no validation annotations for data.source=%s; skipping evaluation", config.data.source)
+        return None
+    predict_fn = trainer.make_predict_fn(state)
+    main = jax.process_index() == 0
+    batches = pipeline.make_eval_batches(config, split="val")
+    metrics = evaluate_lib.evaluate_model(
+        predict_fn, batches, val_json,
+        contiguous_to_cat_id=_info_field(info, "contiguous_to_cat_id"),
+        set_a_cat_ids=_info_field(info, "set_a_cat_ids"),
+        output_json=os.path.join(workdir, METRICS_FILE) if main else None,
+        with_masks=True, progress=progress and main, verbose=main)
+    if main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(workdir, TB_DIR))
+        for group, by_type in metrics.items():
+            for iou_type, values in (by_type or {}).items():
+                for name, v in values.items():
+                    if v is not None and v >= 0:
+                        writer.add_scalar(f"eval/{group}/{iou_type}/{name}", v, step)
+        writer.close()
+    if int(config.eval.num_pictures) > 0 and main:
+        _write_pictures(config, workdir, predict_fn, info)
+    return metrics
+
+
+def _info_field(info: Any, name: str) -> Any:
+    return info[name] if isinstance(info, Mapping) else getattr(info, name)
+
+
+def _write_pictures(config: ml_collections.ConfigDict, workdir: str, predict_fn, info) -> None:
+    """HOOK: prediction PNGs via ``maskx_jax/visualize.py`` (not yet available)."""
+    try:
+        from maskx_jax import visualize  # noqa: F401
+    except ImportError:
+        logging.warning("maskx_jax.visualize is not available; no pictures written")
+        return
+    raise NotImplementedError("visualize hook not wired yet")

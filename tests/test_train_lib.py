@@ -1,0 +1,210 @@
+"""train_lib: exact resumption, non-finite handling, config checks, init checkpoints, logging.
+
+The loop machinery runs with a tiny stand-in detector (seconds); the resume test also runs the
+real Mask^X R-CNN at toy size once ``maskx_jax.model_builder`` and the data pipeline exist.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+import train_fixtures as F
+from maskx_jax import train_lib
+from maskx_jax.checkpoint import save_flat
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_bitwise(a, b):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """One compiled stand-in trainer shared by the tests (the schedule does not depend on train.steps)."""
+    return train_lib.Trainer(F.stand_in_config(), F.NUM_CLASSES, model_fn=F.tiny_model_fn)
+
+
+def _train(cfg, workdir, trainer, nan_steps=(), **kw):
+    return train_lib.train(cfg, str(workdir), trainer=trainer, train_iter_fn=F.make_synthetic_iter(nan_steps),
+                           evaluate_at_end=False, progress=False, **kw)
+
+
+def _restore(workdir, trainer, step):
+    mngr = train_lib.make_checkpoint_manager(str(workdir), F.stand_in_config())
+    try:
+        assert step in mngr.all_steps(), mngr.all_steps()
+        return train_lib.restore_state(mngr, trainer, step)
+    finally:
+        mngr.close()
+
+
+def test_resume_equals_uninterrupted(tmp_path, trainer):
+    straight = _train(F.stand_in_config(steps=6), tmp_path / "straight", trainer)
+    # 4 steps, then the same workdir to 6 steps
+    _train(F.stand_in_config(steps=4), tmp_path / "split", trainer)
+    resumed = _train(F.stand_in_config(steps=6), tmp_path / "split", trainer)
+    assert straight.step == resumed.step == 6
+    _assert_bitwise(straight.state, resumed.state)
+    _assert_bitwise(_restore(tmp_path / "straight", trainer, 6), _restore(tmp_path / "split", trainer, 6))
+
+    # killed in the middle of step 5 (after the step-4 checkpoint), then the same command again
+    class Killed(Exception):
+        pass
+
+    def dying_iter(config, *, start_step, **kw):
+        for step, b in enumerate(F.make_synthetic_iter()(config, start_step=start_step, **kw), start_step):
+            if step == 5:
+                raise Killed
+            yield b
+
+    cfg = F.stand_in_config(steps=6)
+    with pytest.raises(Killed):
+        train_lib.train(cfg, str(tmp_path / "killed"), trainer=trainer, train_iter_fn=dying_iter,
+                        evaluate_at_end=False, progress=False)
+    again = _train(cfg, tmp_path / "killed", trainer)
+    _assert_bitwise(straight.state, again.state)
+
+
+def test_nonfinite_stop_names_step_and_keeps_checkpoint(tmp_path, trainer):
+    clean = _train(F.stand_in_config(steps=2), tmp_path / "clean", trainer)
+    cfg = F.stand_in_config(steps=6, on_nonfinite="stop")
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite loss at step 3\b") as err:
+        _train(cfg, tmp_path / "run", trainer, nan_steps=(3,))
+    assert err.value.step == 3
+    assert "latest checkpoint is step 2" in str(err.value)
+    mngr = train_lib.make_checkpoint_manager(str(tmp_path / "run"), cfg)
+    assert mngr.all_steps() == [2]
+    mngr.close()
+    _assert_bitwise(_restore(tmp_path / "clean", trainer, 2), _restore(tmp_path / "run", trainer, 2))
+
+    # the same command with on_nonfinite=skip resumes from step 2 and skips step 3
+    skip_cfg = F.stand_in_config(steps=6, on_nonfinite="skip")
+    skip_trainer = train_lib.Trainer(skip_cfg, F.NUM_CLASSES, model_fn=F.tiny_model_fn, mesh=trainer.mesh)
+    res = _train(skip_cfg, tmp_path / "run", skip_trainer, nan_steps=(3,))
+    assert res.step == 6 and res.skipped == 1
+
+
+def test_nonfinite_step_leaves_params_unchanged(trainer):
+    for mode in train_lib.ON_NONFINITE:
+        cfg = F.stand_in_config(on_nonfinite=mode)
+        tr = train_lib.Trainer(cfg, F.NUM_CLASSES, model_fn=F.tiny_model_fn, mesh=trainer.mesh)
+        state = tr.init_state()
+        state, _ = tr.train_step(state, tr.global_batch(F.synthetic_batch(0, 0, 8)))  # non-zero momentum
+        before = jax.device_get(state)
+        state, m = tr.train_step(state, tr.global_batch(F.synthetic_batch(0, 1, 8, nan=True)))
+        assert bool(m["nonfinite"]) and not np.isfinite(float(m["total"]))
+        _assert_bitwise(before.params, state.params)
+        _assert_bitwise(before.opt_state, state.opt_state)
+        assert int(state.step) == 2
+        if mode == "skip":
+            assert int(state.skipped) == 1 and int(state.halted_at) == -1
+            state, m = tr.train_step(state, tr.global_batch(F.synthetic_batch(0, 2, 8)))
+            assert not bool(m["nonfinite"]) and int(m["skipped"]) == 1
+            assert not np.array_equal(np.asarray(jax.tree.leaves(state.params)[0]), jax.tree.leaves(before.params)[0])
+        else:
+            assert int(state.halted_at) == 1
+            # once halted, later (finite) steps change nothing either
+            state, m = tr.train_step(state, tr.global_batch(F.synthetic_batch(0, 2, 8)))
+            _assert_bitwise(before.params, state.params)
+
+
+def test_config_mismatch_refused_with_diff(tmp_path, trainer):
+    _train(F.stand_in_config(steps=2), tmp_path, trainer)
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["train"]["steps"] == 2 and saved["model"]["depth"] == 50
+    cfg = F.stand_in_config(steps=4)
+    cfg.model.depth = 18
+    cfg.model.aligned = True
+    with pytest.raises(train_lib.ConfigMismatchError) as err:
+        train_lib.train(cfg, str(tmp_path), model_fn=F.tiny_model_fn, num_classes=F.NUM_CLASSES,
+                        train_iter_fn=F.make_synthetic_iter(), evaluate_at_end=False, progress=False)
+    msg = str(err.value)
+    assert "model.depth: 50 (saved) -> 18 (now)" in msg
+    assert "model.aligned: False (saved) -> True (now)" in msg
+    assert "train.steps" not in msg  # only architecture keys are refused
+    # non-architecture changes (schedule, inference thresholds) resume fine
+    cfg = F.stand_in_config(steps=4, lr=0.05)
+    cfg.model.box_score_thresh = 0.3
+    with pytest.raises(ValueError, match="compiled for a different config"):
+        _train(cfg, tmp_path, trainer)  # a reused Trainer must match the compile-time keys
+    res = train_lib.train(cfg, str(tmp_path), model_fn=F.tiny_model_fn, num_classes=F.NUM_CLASSES,
+                          train_iter_fn=F.make_synthetic_iter(), evaluate_at_end=False, progress=False)
+    assert res.step == 4
+
+
+def test_init_checkpoint_report(tmp_path, trainer):
+    state = trainer.init_state()
+    init = jax.device_get(state)
+    conv_kernel = np.full(init.params["conv"]["kernel"].shape, 0.25, np.float32)
+    flat = {
+        ("conv", "kernel"): conv_kernel,
+        ("scale",): np.full((8,), 2.0, np.float32),  # a frozen (non-Param) variable
+        ("cls", "kernel"): np.zeros((8, 99), np.float32),  # wrong class count
+        ("roi_heads", "extra"): np.zeros((3,), np.float32),
+    }
+    save_flat(str(tmp_path / "ckpt"), flat, {"kind": "detector", "config": {}, "source": "test"})
+    new, report = trainer.load_init_checkpoint(state, str(tmp_path / "ckpt"))
+    assert sorted(report["loaded"]) == ["conv.kernel", "scale"]
+    assert report["unused"] == ["roi_heads.extra"]
+    assert report["shape_mismatch"] == ["cls.kernel: checkpoint (8, 99), model (8, 5)"]
+    assert sorted(report["not_loaded"]) == ["box.bias", "box.kernel", "cls.bias", "cls.kernel", "conv.bias"]
+    np.testing.assert_array_equal(np.asarray(new.params["conv"]["kernel"][...]), conv_kernel)
+    np.testing.assert_array_equal(np.asarray(new.rest["scale"][...]), 2.0)
+    np.testing.assert_array_equal(np.asarray(new.params["cls"]["kernel"][...]), init.params["cls"]["kernel"][...])
+
+    # through train(): applied on a fresh start, report written next to the run
+    cfg = F.stand_in_config(steps=1, init_checkpoint=str(tmp_path / "ckpt"))
+    _train(cfg, tmp_path / "run", trainer)
+    assert json.load(open(tmp_path / "run" / train_lib.INIT_REPORT_FILE))["loaded"] == report["loaded"]
+
+
+def _read_events(path):
+    """Scalars {tag: [(step, value)]} from a TensorBoard event file (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict = {}
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
+        for v in ev.summary.value:
+            out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_scalars(tmp_path, trainer):
+    _train(F.stand_in_config(steps=4, log_every=2), tmp_path, trainer)
+    (events,) = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    scalars = _read_events(events)
+    for tag in ("loss/total", "loss/loss_classifier", "loss/loss_box_reg", "lr", "grad_norm", "images_per_sec"):
+        assert tag in scalars, sorted(scalars)
+    assert [s for s, _ in scalars["loss/total"]] == [2, 4]
+    np.testing.assert_allclose(scalars["lr"][-1][1], 0.1, rtol=1e-6)  # step 3: past the warmup, before lr_steps
+    assert all(np.isfinite(v) and v > 0 for _, v in scalars["images_per_sec"])
+
+
+@pytest.mark.skipif(not F.has_real_model(), reason="maskx_jax.model_builder / data.pipeline not available yet")
+def test_real_model_resume_bitwise(tmp_path):
+    cfg6 = F.tiny_config(str(tmp_path / "data"), steps=6)
+    trainer = train_lib.Trainer(cfg6, train_lib._load_num_classes(cfg6))
+    straight = train_lib.train(cfg6, str(tmp_path / "straight"), trainer=trainer, evaluate_at_end=False, progress=False)
+    train_lib.train(F.tiny_config(str(tmp_path / "data"), steps=4), str(tmp_path / "split"), trainer=trainer,
+                    evaluate_at_end=False, progress=False)
+    resumed = train_lib.train(cfg6, str(tmp_path / "split"), trainer=trainer, evaluate_at_end=False, progress=False)
+    assert np.isfinite(float(jax.device_get(jax.tree.leaves(straight.state.params)[0]).sum()))
+    _assert_bitwise(straight.state, resumed.state)
+    assert os.path.isdir(tmp_path / "split" / "checkpoints" / "6")
