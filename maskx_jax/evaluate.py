@@ -88,9 +88,8 @@ def paste_binary_masks(
     """Pastes box-frame mask probabilities into an image and thresholds them at 0.5.
 
     To bound the number of jit compilations the paste runs on a canvas whose sides are
-    rounded up to ``canvas_multiple`` and whose row count is rounded up (16, 32, ..., 128,
-    144, ...),
-    then crops. Each output pixel depends only on its own coordinates and the box, so the
+    rounded up to ``canvas_multiple``, with the row count rounded up to 16, 32, ..., 112,
+    128, 160, ... (padding rows paste nothing), then crops. Each output pixel depends only on its own coordinates and the box, so the
     crop equals a paste at the exact size.
 
     Args:

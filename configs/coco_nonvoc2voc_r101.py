@@ -1,0 +1,8 @@
+"""non-voc -> voc with ResNet-101-FPN."""
+from configs.coco_voc2nonvoc_r101 import get_config as _base
+
+
+def get_config():
+    c = _base()
+    c.data.set_a = "nonvoc"
+    return c

@@ -1,0 +1,57 @@
+"""Demo: Mask^X R-CNN (cls+box, 2-layer tau, stop-grad, MLP fusion) on the built-in synthetic
+shapes dataset, from scratch, sized for a 2-core CPU (ResNet-18-FPN with GroupNorm, 128x128)."""
+from maskx_jax.config import base_config
+
+# Set A (masks in training) vs set B (boxes only): 6 + 4 of the 10 shape classes.
+SET_A = "disk,square,triangle,star,cross,ellipse"
+
+
+def get_config():
+    c = base_config()
+    m, d, t, e = c.model, c.data, c.train, c.eval
+    m.depth = 18
+    m.norm = "group_norm"  # no pretrained weights can be downloaded: train from scratch
+    m.freeze_at = 0
+    m.fpn_channels = 64
+    m.representation = 256
+    m.mask_head_channels = 64
+    m.transfer_hidden = 64
+    m.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
+    m.rpn_pre_nms_top_n_train = 600
+    m.rpn_post_nms_top_n_train = 300
+    m.rpn_pre_nms_top_n_test = 300
+    m.rpn_post_nms_top_n_test = 150
+    m.rpn_batch_size_per_image = 128
+    m.roi_batch_size_per_image = 128
+    m.max_mask_rois_per_image = 32
+    m.detections_per_img = 30
+    m.mask_mode = "transfer"
+    m.transfer_input = "cls+box"
+    m.transfer_layers = 2
+    m.stop_det_grad = True
+    m.mlp_fusion = True
+
+    d.source = "synthetic"
+    d.set_a = SET_A
+    d.min_size = 128
+    d.max_size = 128
+    d.pad_height = 128
+    d.pad_width = 128
+    d.max_instances = 12
+    d.mask_crop_size = 32
+    d.synthetic_num_train = 600
+    d.synthetic_num_val = 100
+    d.synthetic_image_size = 128
+
+    t.batch_size = 8
+    t.steps = 1200
+    t.lr = 0.02
+    t.warmup_steps = 100
+    t.lr_steps = (900, 1100)
+    t.checkpoint_every = 400
+    t.keep_checkpoints = 2
+    t.log_every = 20
+
+    e.batch_size = 20
+    e.num_pictures = 6
+    return c
