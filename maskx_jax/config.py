@@ -113,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.batch_size = 8
     e.max_images = 0  # 0 = the whole validation set
     e.num_pictures = 8  # prediction PNGs written after evaluation
+    e.picture_score_thresh = 0.5  # detections drawn in those pictures: score at least this
 
     c.lock()
     return c

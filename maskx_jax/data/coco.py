@@ -55,6 +55,7 @@ class CocoSource:
         from this file, possible with ``class_names``, are missing).
       records: validated :class:`ImageRecord`s, in file order.
       issues: the :class:`Issues` counter every problem went to.
+      num_problems: how many problems this source has reported so far (parsing included).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class CocoSource:
         self.json_path = json_path
         self.image_dir = image_dir
         self.issues = issues if issues is not None else Issues()
+        self.num_problems = 0  # problems this source reported (not deduplicated across sources)
         self._tag = os.path.basename(json_path)
         if not os.path.isfile(json_path):
             raise FileNotFoundError(f"COCO annotation file not found: {json_path}")
@@ -101,16 +103,20 @@ class CocoSource:
         images = self._parse_images(data["images"])
         self.records = self._parse_annotations(data.get("annotations") or [], images, drop_empty_images)
 
+    def _warn(self, kind: str, record: str, detail: str = "") -> None:
+        self.num_problems += 1
+        self.issues.warn(kind, record, detail)
+
     # ---------------------------------------------------------------- parsing
     def _parse_categories(self, categories: list, class_names: Sequence[str] | None) -> list[dict]:
         by_id: dict[int, dict] = {}
         for cat in categories:
             if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-                self.issues.warn("annotation_malformed", f"{self._tag} category {cat!r:.60}", "no integer id")
+                self._warn("annotation_malformed", f"{self._tag} category {cat!r:.60}", "no integer id")
                 continue
             cid = int(cat["id"])
             if cid in by_id:
-                self.issues.warn("duplicate_category", f"{self._tag} category {cid}", f"name {cat.get('name')!r}")
+                self._warn("duplicate_category", f"{self._tag} category {cid}", f"name {cat.get('name')!r}")
                 continue
             by_id[cid] = {"id": cid, "name": str(cat.get("name", f"category_{cid}")),
                           "supercategory": cat.get("supercategory", "")}
@@ -129,26 +135,26 @@ class CocoSource:
         out: dict[int, dict] = {}
         for img in images:
             if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
-                self.issues.warn("image_malformed", f"{self._tag} image {str(img)[:60]}", "needs int id and file_name")
+                self._warn("image_malformed", f"{self._tag} image {str(img)[:60]}", "needs int id and file_name")
                 continue
             iid = int(img["id"])
             name = f"{self._tag} image {iid} ({img['file_name']})"
             if iid in out:
-                self.issues.warn("image_duplicate_id", f"{name} [duplicate]", f"first: {out[iid]['file_name']}")
+                self._warn("image_duplicate_id", f"{name} [duplicate]", f"first: {out[iid]['file_name']}")
                 continue
             path = os.path.join(self.image_dir, img["file_name"])
             if not os.path.isfile(path):
-                self.issues.warn("image_missing", name, path)
+                self._warn("image_missing", name, path)
                 out[iid] = None  # remembered so its annotations are dropped quietly (already counted)
                 continue
             h, w = img.get("height"), img.get("width")
             if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
                 size = read_image_size(path)
                 if size is None:
-                    self.issues.warn("image_unreadable", name, "no valid size in the JSON and unreadable header")
+                    self._warn("image_unreadable", name, "no valid size in the JSON and unreadable header")
                     out[iid] = None
                     continue
-                self.issues.warn("image_bad_size", name, f"height={h!r} width={w!r}; header says {size}")
+                self._warn("image_bad_size", name, f"height={h!r} width={w!r}; header says {size}")
                 h, w = size
             out[iid] = {"id": iid, "file_name": img["file_name"], "path": path, "height": int(h),
                         "width": int(w), "name": name, "raw": img}
@@ -166,7 +172,7 @@ class CocoSource:
                 continue
             instances = tuple(per_image[iid])
             if drop_empty and not any(not x.crowd for x in instances):
-                self.issues.warn("image_no_annotations", img["name"], f"{len(instances)} crowd-only/none")
+                self._warn("image_no_annotations", img["name"], f"{len(instances)} crowd-only/none")
                 continue
             records.append(ImageRecord(image_id=iid, name=img["name"], path=img["path"], height=img["height"],
                                        width=img["width"], instances=instances, index=len(records)))
@@ -175,20 +181,20 @@ class CocoSource:
 
     def _parse_annotation(self, k: int, ann: Any, images: dict[int, dict]) -> Instance | None:
         if not isinstance(ann, dict) or not _is_int(ann.get("image_id")):
-            self.issues.warn("annotation_malformed", f"{self._tag} annotation #{k}", "needs an int image_id")
+            self._warn("annotation_malformed", f"{self._tag} annotation #{k}", "needs an int image_id")
             return None
         aid = int(ann["id"]) if _is_int(ann.get("id")) else -1
         iid = int(ann["image_id"])
         name = f"{self._tag} ann {aid if aid >= 0 else '#' + str(k)} (image {iid})"
         if iid not in images:
-            self.issues.warn("annotation_unknown_image", name, "image id not in 'images'")
+            self._warn("annotation_unknown_image", name, "image id not in 'images'")
             return None
         img = images[iid]
         if img is None:
             return None  # its image was skipped (and counted) already
         cid = ann.get("category_id")
         if not _is_int(cid) or int(cid) not in self.cat_id_to_contiguous:
-            self.issues.warn("unknown_category", name, f"category_id={cid!r}")
+            self._warn("unknown_category", name, f"category_id={cid!r}")
             return None
         box = self._validate_box(ann.get("bbox"), img["height"], img["width"], name)
         if box is None:
@@ -201,24 +207,24 @@ class CocoSource:
     def _validate_box(self, bbox: Any, height: int, width: int, name: str) -> np.ndarray | None:
         """COCO [x, y, w, h] -> float32 XYXY clipped to the image, or None (counted)."""
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and _finite_numbers(bbox)):
-            self.issues.warn("box_invalid", name, f"bbox={bbox!r:.80}")
+            self._warn("box_invalid", name, f"bbox={bbox!r:.80}")
             return None
         x, y, w, h = (float(v) for v in bbox)
         if w < 0 or h < 0:
-            self.issues.warn("box_negative_size", name, f"bbox={bbox}")
+            self._warn("box_negative_size", name, f"bbox={bbox}")
             return None
         if w == 0 or h == 0:
-            self.issues.warn("box_degenerate", name, f"bbox={bbox}")
+            self._warn("box_degenerate", name, f"bbox={bbox}")
             return None
         x0, y0, x1, y1 = x, y, x + w, y + h
         cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
         cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
         if cx1 <= cx0 or cy1 <= cy0:
             kind = "box_outside_image" if (x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height) else "box_degenerate"
-            self.issues.warn(kind, name, f"bbox={bbox} image {width}x{height}")
+            self._warn(kind, name, f"bbox={bbox} image {width}x{height}")
             return None
         if max(abs(cx0 - x0), abs(cy0 - y0), abs(cx1 - x1), abs(cy1 - y1)) > _CLIP_TOLERANCE:
-            self.issues.warn("box_clipped", name, f"bbox={bbox} image {width}x{height}")
+            self._warn("box_clipped", name, f"bbox={bbox} image {width}x{height}")
         return np.array([cx0, cy0, cx1, cy1], np.float32)
 
     def _validate_segmentation(self, segm: Any, height: int, width: int, name: str) -> Any:
@@ -228,36 +234,36 @@ class CocoSource:
             for part in segm:
                 if not _finite_numbers(part) or len(part) < 6 or len(part) % 2:
                     n = len(part) if isinstance(part, (list, tuple)) else "?"
-                    self.issues.warn("polygon_too_few_points", name, f"polygon with {n} coordinates dropped")
+                    self._warn("polygon_too_few_points", name, f"polygon with {n} coordinates dropped")
                     continue
                 parts.append([float(v) for v in part])
             if parts:
                 return parts
-            self.issues.warn("segmentation_empty", name, "no usable polygon")
+            self._warn("segmentation_empty", name, "no usable polygon")
             return None
         if isinstance(segm, dict) and "counts" in segm and "size" in segm:
             size = segm["size"]
             if not (isinstance(size, (list, tuple)) and len(size) == 2 and [int(size[0]), int(size[1])] == [height, width]):
-                self.issues.warn("rle_size_mismatch", name, f"RLE size {size!r}, image {height}x{width}")
+                self._warn("rle_size_mismatch", name, f"RLE size {size!r}, image {height}x{width}")
                 return None
             counts = segm["counts"]
             if isinstance(counts, list):
                 if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                    self.issues.warn("segmentation_empty", name, "uncompressed RLE counts invalid")
+                    self._warn("segmentation_empty", name, "uncompressed RLE counts invalid")
                     return None
             elif not isinstance(counts, (str, bytes)):
-                self.issues.warn("segmentation_empty", name, f"RLE counts of type {type(counts).__name__}")
+                self._warn("segmentation_empty", name, f"RLE counts of type {type(counts).__name__}")
                 return None
             try:
                 area = float(mask_lib.mask_utils.area(mask_lib.to_rle(segm, height, width)))
             except Exception as e:  # noqa: BLE001 - a corrupt RLE string
-                self.issues.warn("segmentation_empty", name, f"RLE unreadable: {e}")
+                self._warn("segmentation_empty", name, f"RLE unreadable: {e}")
                 return None
             if area <= 0:
-                self.issues.warn("segmentation_empty", name, "RLE with zero area")
+                self._warn("segmentation_empty", name, "RLE with zero area")
                 return None
             return segm
-        self.issues.warn("segmentation_empty", name, f"segmentation={segm!r:.60}")
+        self._warn("segmentation_empty", name, f"segmentation={segm!r:.60}")
         return None
 
     # ---------------------------------------------------------------- access
@@ -285,7 +291,7 @@ class CocoSource:
         if image is None:
             return None
         if image.shape[:2] != (rec.height, rec.width):
-            self.issues.warn("image_size_mismatch", rec.name,
+            self._warn("image_size_mismatch", rec.name,
                              f"file {image.shape[1]}x{image.shape[0]}, annotation {rec.width}x{rec.height}")
             image = resize_nearest(image, rec.height, rec.width)
         n = len(rec.instances)
@@ -298,7 +304,7 @@ class CocoSource:
                 continue
             m = mask_lib.decode(inst.segmentation, rec.height, rec.width)
             if not m.any():
-                self.issues.warn("segmentation_empty", f"{self._tag} ann {inst.ann_id} (image {rec.image_id})",
+                self._warn("segmentation_empty", f"{self._tag} ann {inst.ann_id} (image {rec.image_id})",
                                  "segmentation rasterises to an empty mask")
                 continue
             masks[k] = m

@@ -56,8 +56,9 @@ class Issues:
     Attributes are private; use :meth:`warn`, :meth:`counts`, :meth:`summary`, :meth:`report`.
     """
 
-    def __init__(self, max_examples: int = 5):
+    def __init__(self, max_examples: int = 5, max_logged_per_kind: int = 20):
         self._lock = threading.Lock()
+        self._max_logged = max_logged_per_kind
         self._seen: set[tuple[str, str]] = set()
         self._counts: collections.Counter[str] = collections.Counter()
         self._examples: dict[str, list[str]] = collections.defaultdict(list)
@@ -79,21 +80,13 @@ class Issues:
             self._counts[kind] += 1
             if len(self._examples[kind]) < self._max_examples:
                 self._examples[kind].append(f"{record}: {detail}" if detail else record)
-        logger.warning("data %s: %s%s", kind, record, f" ({detail})" if detail else "")
-
-    def merge(self, other: "Issues") -> None:
-        """Adds ``other``'s records into this counter (dedup by (kind, record))."""
-        with other._lock:
-            items = list(other._seen)
-            examples = {k: list(v) for k, v in other._examples.items()}
-        with self._lock:
-            for key in items:
-                if key not in self._seen:
-                    self._seen.add(key)
-                    self._counts[key[0]] += 1
-            for kind, exs in examples.items():
-                room = self._max_examples - len(self._examples[kind])
-                self._examples[kind].extend([e for e in exs if e not in self._examples[kind]][:max(room, 0)])
+            count = self._counts[kind]
+        # Log the first few of each kind; the rest are only counted (see report()), so a
+        # dataset with thousands of grayscale images does not flood the training log.
+        if count <= self._max_logged:
+            logger.warning("data %s: %s%s", kind, record, f" ({detail})" if detail else "")
+        if count == self._max_logged:
+            logger.warning("data %s: further records of this kind are counted but not logged", kind)
 
     def counts(self) -> dict[str, int]:
         """{kind: number of distinct records with that problem}."""

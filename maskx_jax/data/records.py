@@ -7,9 +7,13 @@ continuous coordinates where pixel (row r, column c) is the unit square
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import numpy as np
+
+# Side of the black square that stands in, during evaluation, for an image that cannot be
+# decoded and whose size is unknown (tfds); evaluation keeps every image id.
+STANDIN_IMAGE_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,3 +88,17 @@ class Example:
     @property
     def width(self) -> int:
         return int(self.image.shape[1])
+
+
+class Source(Protocol):
+    """What the pipeline needs from a data source (:class:`~maskx_jax.data.coco.CocoSource`,
+    :class:`~maskx_jax.data.tfds_source.TfdsSource`)."""
+
+    class_names: Sequence[str]
+    contiguous_to_cat_id: dict[int, int]
+
+    def __len__(self) -> int: ...
+
+    def record(self, index: int) -> ImageRecord: ...
+
+    def load(self, index: int, mask_classes: np.ndarray | None = None) -> Example | None: ...

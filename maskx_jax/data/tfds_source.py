@@ -28,7 +28,7 @@ import numpy as np
 from maskx_jax.data.classes import BACKGROUND, COCO_CATEGORIES
 from maskx_jax.data.image_io import decode_image
 from maskx_jax.data.issues import Issues
-from maskx_jax.data.records import Example, ImageRecord
+from maskx_jax.data.records import STANDIN_IMAGE_SIZE, Example, ImageRecord
 
 _CLIP_TOLERANCE = 1e-2  # pixels; see coco.py
 
@@ -222,6 +222,11 @@ class TfdsSource:
         for i in range(len(self)):
             ex = self.load(i)
             if ex is None:
+                # Kept, without boxes, at the size of the black stand-in image evaluation
+                # uses, so that every evaluated image id exists in the ground truth.
+                rec = self.record(i)
+                images.append({"id": rec.image_id, "file_name": rec.name, "height": STANDIN_IMAGE_SIZE,
+                               "width": STANDIN_IMAGE_SIZE})
                 continue
             images.append({"id": ex.image_id, "file_name": ex.name, "height": ex.height, "width": ex.width})
             for b, c, cr in zip(ex.boxes.tolist(), ex.classes.tolist(), ex.crowd.tolist()):

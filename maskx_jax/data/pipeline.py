@@ -1,0 +1,382 @@
+"""Datasets -> static-shape :class:`~maskx_jax.types.Batch`es, with exact resume.
+
+Entry points:
+  * :func:`load_datasets` -> :class:`DatasetInfo` (classes, set A, id maps, sources, issues);
+  * :func:`make_train_iterator` -> :class:`TrainIterator`: the process-local training
+    batches for steps ``start_step, start_step + 1, ...`` forever;
+  * :func:`make_eval_batches` -> ``(Batch, [ImageRecord])`` over a split, in order.
+
+Deterministic order (so a resumed run sees exactly the batches it would have seen):
+the global batch of step s is a pure function of (``train.seed``, s). Position b of step s
+is the global sample ``g = s * B + b`` (B = ``train.batch_size``); it lies in epoch
+``e = g // N`` at offset ``g % N`` of that epoch's permutation
+``np.random.default_rng([seed, 0, e]).permutation(N)``; its flip is
+``np.random.default_rng([seed, 1, s, b]).random() < data.hflip_prob``. Process p of P
+gets the contiguous positions ``[p * B / P, (p + 1) * B / P)``, so the processes' local
+batches concatenate (in process order) into the global batch. An image that turns out to
+be unreadable is replaced by the next readable record of the dataset (counted), which is
+deterministic too.
+
+Batches are plain NumPy arrays inside a ``Batch``; decoding and augmentation run on
+``data.num_workers`` threads, ``data.prefetch`` batches ahead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from maskx_jax.data import prepare
+from maskx_jax.data.classes import has_mask_by_class, parse_set_a
+from maskx_jax.data.coco import CocoSource
+from maskx_jax.data.issues import Issues
+from maskx_jax.data.prefetch import OrderedPrefetcher
+from maskx_jax.data.records import STANDIN_IMAGE_SIZE, Example, ImageRecord, Source
+from maskx_jax.data.synthetic import generate_synthetic
+from maskx_jax.types import Batch
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DatasetInfo:
+    """Everything the rest of the library needs to know about the data.
+
+    Attributes:
+      source: ``data.source`` ('synthetic' | 'coco' | 'tfds').
+      class_names: K+1 names, index 0 ``'__background__'``.
+      num_classes: K+1 (the detector's class count, background included).
+      set_a_ids: contiguous ids (1..K) of the mask-supervised classes (set A).
+      set_b_ids: the other foreground ids.
+      has_mask_by_class: bool [K+1], True at set-A ids.
+      cat_id_to_contiguous: {category id in the evaluation JSON: contiguous id}.
+      contiguous_to_cat_id: {contiguous id: category id in the evaluation JSON} (use it to
+        write detections for pycocotools).
+      val_json: COCO JSON to evaluate against ('' when there is no validation set); a cleaned
+        copy under ``data.cache_dir`` when the original had bad records.
+      val_has_masks: False when the validation ground truth has no masks (tfds): box AP only.
+      train, val: the sources (``len()``, ``record(i)``, ``load(i)``); val may be None.
+      issues: the shared counter of repaired/skipped records (grows while decoding).
+    """
+
+    source: str
+    class_names: tuple[str, ...]
+    num_classes: int
+    set_a_ids: tuple[int, ...]
+    set_b_ids: tuple[int, ...]
+    has_mask_by_class: np.ndarray
+    cat_id_to_contiguous: dict[int, int]
+    contiguous_to_cat_id: dict[int, int]
+    val_json: str
+    val_has_masks: bool
+    train: Source
+    val: Source | None
+    issues: Issues
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_val(self) -> int:
+        return 0 if self.val is None else len(self.val)
+
+    def summary(self) -> dict[str, int]:
+        """{problem kind: number of records} so far (see :data:`maskx_jax.data.issues.KINDS`)."""
+        return self.issues.summary()
+
+    def report(self) -> str:
+        """Printable dataset description plus the bad-record table."""
+        head = (f"data: source={self.source} classes={self.num_classes - 1} train={self.num_train} "
+                f"val={self.num_val} set A={[self.class_names[i] for i in self.set_a_ids]}")
+        return head + "\n" + self.issues.report()
+
+
+# ----------------------------------------------------------------------------- loading
+def _cached_json(cache_dir: str, original: str, extra_key: str, build) -> str:
+    """Path of a derived COCO JSON under ``cache_dir``, built with ``build()`` unless present.
+
+    The name is keyed on the original file (path, size, mtime) and ``extra_key``, so a
+    changed input gives a new file; writes are atomic (temp file + rename).
+    """
+    stat = os.stat(original)
+    ident = f"{os.path.abspath(original)}|{stat.st_size}|{stat.st_mtime_ns}|{extra_key}"
+    key = hashlib.sha1(ident.encode()).hexdigest()[:12]
+    stem = os.path.splitext(os.path.basename(original))[0]
+    path = os.path.join(os.path.abspath(cache_dir), f"{stem}.clean-{key}.json")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(build(), f)
+    os.replace(tmp, path)
+    return path
+
+
+def _coco_val(json_path: str, image_dir: str, class_names, issues: Issues, cache_dir: str) -> tuple[CocoSource, str]:
+    val = CocoSource(json_path, image_dir, issues=issues, class_names=class_names)
+    if val.num_problems == 0:
+        return val, json_path
+    # pycocotools would choke on (or mis-score) the records we skipped or repaired.
+    return val, _cached_json(cache_dir, json_path, "|".join(class_names), val.to_coco_dict)
+
+
+def load_datasets(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Opens the configured train/val sources and derives classes, set A and id maps.
+
+    For ``data.source='synthetic'`` the dataset is generated first (once) into
+    ``data.synthetic_dir``, then read through the COCO path.
+
+    Raises:
+      ValueError: unknown class names in ``data.set_a`` (lists the valid ones), bad config.
+      FileNotFoundError: missing annotation files / folders.
+    """
+    d = config.data
+    issues = Issues()
+    drop_empty = bool(d.drop_images_without_annotations)
+    val_has_masks = True
+    if d.source == "synthetic":
+        paths = generate_synthetic(d.synthetic_dir, d.synthetic_num_train, d.synthetic_num_val,
+                                   d.synthetic_image_size, d.synthetic_seed)
+        train = CocoSource(paths.train_json, paths.train_images, issues=issues, drop_empty_images=drop_empty)
+        val, val_json = _coco_val(paths.val_json, paths.val_images, train.class_names, issues, d.cache_dir)
+        id_map = val.contiguous_to_cat_id
+    elif d.source == "coco":
+        if not (d.train_json and d.train_images):
+            raise ValueError("data.source=coco needs data.train_json and data.train_images")
+        train = CocoSource(d.train_json, d.train_images, issues=issues, drop_empty_images=drop_empty)
+        val, val_json, id_map = None, "", train.contiguous_to_cat_id
+        if d.val_json:
+            val, val_json = _coco_val(d.val_json, d.val_images, train.class_names, issues, d.cache_dir)
+            id_map = val.contiguous_to_cat_id
+    elif d.source == "tfds":
+        from maskx_jax.data.tfds_source import TfdsSource
+
+        train = TfdsSource(d.tfds_data_dir, d.tfds_name, d.tfds_train_split, issues=issues)
+        parse_set_a(d.set_a, train.class_names)  # fail fast, before reading the validation split
+        if d.val_json:
+            val, val_json = _coco_val(d.val_json, d.val_images, train.class_names, issues, d.cache_dir)
+            id_map = val.contiguous_to_cat_id
+        else:
+            val = TfdsSource(d.tfds_data_dir, d.tfds_name, d.tfds_val_split, issues=issues,
+                             class_names=train.class_names)
+            val_has_masks = False
+            val_json = _cached_json(d.cache_dir, os.path.join(val.builder_dir, "dataset_info.json"),
+                                    f"{d.tfds_val_split}|" + "|".join(train.class_names), val.to_coco_dict)
+            id_map = val.contiguous_to_cat_id
+    else:
+        raise ValueError(f"data.source must be synthetic, coco or tfds, got {d.source!r}")
+    class_names = tuple(train.class_names)
+    num_classes = len(class_names)
+    set_a = parse_set_a(d.set_a, class_names)
+    return DatasetInfo(
+        source=d.source,
+        class_names=class_names,
+        num_classes=num_classes,
+        set_a_ids=set_a,
+        set_b_ids=tuple(i for i in range(1, num_classes) if i not in set_a),
+        has_mask_by_class=has_mask_by_class(set_a, num_classes),
+        cat_id_to_contiguous={v: k for k, v in id_map.items()},
+        contiguous_to_cat_id=dict(id_map),
+        val_json=val_json,
+        val_has_masks=val_has_masks,
+        train=train,
+        val=val,
+        issues=issues,
+    )
+
+
+def prepare_options(config: ml_collections.ConfigDict, info: DatasetInfo) -> prepare.PrepareOptions:
+    d = config.data
+    return prepare.PrepareOptions(
+        min_size=int(d.min_size), max_size=int(d.max_size), pad_height=int(d.pad_height),
+        pad_width=int(d.pad_width), max_instances=int(d.max_instances),
+        mask_crop_size=int(d.mask_crop_size), has_mask_by_class=info.has_mask_by_class,
+    )
+
+
+def _load_or_next(source: Source, index: int, mask_classes: np.ndarray) -> Example:
+    """``source.load(index)``, or the next readable record (wrapping) if it cannot be decoded."""
+    n = len(source)
+    for k in range(n):
+        ex = source.load((index + k) % n, mask_classes)
+        if ex is not None:
+            return ex
+    raise RuntimeError("no image of the dataset can be decoded; see the data issue report")
+
+
+# ----------------------------------------------------------------------------- training order
+def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
+    """int64 [N]: the record order of one epoch."""
+    return np.random.default_rng([seed, 0, epoch]).permutation(num_records)
+
+
+def flip_decision(seed: int, step: int, position: int, prob: float) -> bool:
+    """Whether global batch position ``position`` of step ``step`` is mirrored."""
+    return bool(prob > 0 and np.random.default_rng([seed, 1, step, position]).random() < prob)
+
+
+def global_step_indices(seed: int, step: int, batch_size: int, num_records: int) -> np.ndarray:
+    """int64 [B]: record indices of the global batch of ``step`` (see module docstring)."""
+    g = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs, offsets = g // num_records, g % num_records
+    out = np.empty((batch_size,), np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = epoch_permutation(seed, int(e), num_records)[offsets[sel]]
+    return out
+
+
+class TrainIterator:
+    """Process-local training batches for steps ``start_step, start_step + 1, ...``, forever.
+
+    Use as a context manager or call :meth:`close` to stop the worker threads. ``step`` is
+    the step of the next batch ``next()`` returns.
+    """
+
+    def __init__(self, info: DatasetInfo, options: prepare.PrepareOptions, *, batch_size: int, seed: int,
+                 hflip_prob: float, start_step: int, process_index: int, process_count: int,
+                 num_workers: int, prefetch: int):
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
+        if batch_size % process_count:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the process count {process_count}")
+        if len(info.train) == 0:
+            raise ValueError("the training set is empty (see the data issue report):\n" + info.report())
+        self.info = info
+        self.options = options
+        self.global_batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        self.seed = seed
+        self.hflip_prob = hflip_prob
+        self.process_index = process_index
+        self.process_count = process_count
+        self.step = start_step
+        self._prefetcher = OrderedPrefetcher(self._plan, self._finish, start=start_step,
+                                             num_workers=num_workers, depth=prefetch, name="maskx-train-data")
+
+    def _plan(self, step: int):
+        lo = self.process_index * self.local_batch_size
+        indices = global_step_indices(self.seed, step, self.global_batch_size, len(self.info.train))
+        arrays = prepare.allocate(self.local_batch_size, self.options)
+        jobs = [functools.partial(self._job, arrays, slot, int(indices[lo + slot]),
+                                  flip_decision(self.seed, step, lo + slot, self.hflip_prob))
+                for slot in range(self.local_batch_size)]
+        return arrays, jobs
+
+    def _job(self, arrays, slot: int, index: int, flip: bool) -> None:
+        ex = _load_or_next(self.info.train, index, self.info.has_mask_by_class)
+        prepare.fill(arrays, slot, ex, self.options, flip, self.info.issues)
+
+    def _finish(self, step: int, arrays, results) -> Batch:
+        del results
+        self.step = step + 1
+        return Batch(**arrays)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._prefetcher)
+
+    def close(self) -> None:
+        self._prefetcher.close()
+
+    def __enter__(self) -> "TrainIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0, process_index: int = 0,
+                        process_count: int = 1, info: DatasetInfo | None = None) -> TrainIterator:
+    """Training batches for steps ``start_step, start_step + 1, ...`` (this process's slice).
+
+    Args:
+      config: the full config (``data.*``, ``train.batch_size`` global, ``train.seed``).
+      start_step: first step to produce (resume from a checkpoint at this step).
+      process_index, process_count: this host's slice of every global batch
+        (``jax.process_index()``, ``jax.process_count()``).
+      info: reuse already loaded datasets (else :func:`load_datasets` is called).
+
+    Returns:
+      :class:`TrainIterator` yielding ``Batch``es of ``train.batch_size // process_count``
+      images (NumPy arrays, shapes in the ``Batch`` docstring).
+    """
+    info = info if info is not None else load_datasets(config)
+    return TrainIterator(
+        info, prepare_options(config, info), batch_size=int(config.train.batch_size), seed=int(config.train.seed),
+        hflip_prob=float(config.data.hflip_prob), start_step=int(start_step), process_index=int(process_index),
+        process_count=int(process_count), num_workers=int(config.data.num_workers), prefetch=int(config.data.prefetch),
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _eval_job(source: Source, index: int, arrays, slot: int, options: prepare.PrepareOptions,
+              info: DatasetInfo) -> ImageRecord:
+    record = source.record(index)
+    ex = source.load(index, info.has_mask_by_class)
+    if ex is None:
+        # Evaluation must keep every image id: predict on a black image of the annotated size.
+        h, w = (record.height, record.width) if record.height > 0 and record.width > 0 else (STANDIN_IMAGE_SIZE,) * 2
+        ex = Example(image=np.zeros((h, w, 3), np.uint8), image_id=record.image_id, name=record.name,
+                     boxes=np.zeros((0, 4), np.float32), classes=np.zeros((0,), np.int32),
+                     crowd=np.zeros((0,), bool), has_segm=np.zeros((0,), bool), masks=None)
+    prepare.fill(arrays, slot, ex, options, False, info.issues)
+    if record.height <= 0:  # sources that only know the size once decoded (tfds)
+        record = dataclasses.replace(record, image_id=ex.image_id, height=ex.height, width=ex.width)
+    return record
+
+
+def make_eval_batches(config: ml_collections.ConfigDict, split: str = "val", batch_size: int | None = None,
+                      max_images: int = 0, *, info: DatasetInfo | None = None
+                      ) -> Iterator[tuple[Batch, list[ImageRecord]]]:
+    """Evaluation batches over a split, in dataset order, no augmentation.
+
+    Args:
+      config: the full config.
+      split: 'val' or 'train'.
+      batch_size: images per batch (default ``eval.batch_size``).
+      max_images: only the first ``max_images`` images (0 = all).
+      info: reuse already loaded datasets.
+
+    Yields:
+      (Batch, records): ``records[i]`` is the :class:`ImageRecord` of batch row i for
+      ``i < len(records)``; the last batch is padded with rows whose ``image_ids`` are -1
+      (zero images, no instances). Close the generator (or exhaust it) to stop its threads.
+    """
+    info = info if info is not None else load_datasets(config)
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    source = info.val if split == "val" else info.train
+    if source is None:
+        raise ValueError("no validation set configured (data.val_json / data.source)")
+    bsz = int(batch_size or config.eval.batch_size)
+    n = len(source) if max_images <= 0 else min(len(source), int(max_images))
+    options = prepare_options(config, info)
+
+    def plan(k: int):
+        arrays = prepare.allocate(bsz, options)
+        indices = range(k * bsz, min(n, (k + 1) * bsz))
+        jobs = [functools.partial(_eval_job, source, i, arrays, slot, options, info) for slot, i in enumerate(indices)]
+        for slot in range(len(indices), bsz):
+            prepare.fill_padding(arrays, slot, options)
+        return arrays, jobs
+
+    def finish(k: int, arrays, records):
+        return Batch(**arrays), list(records)
+
+    prefetcher = OrderedPrefetcher(plan, finish, start=0, stop=math.ceil(n / bsz),
+                                   num_workers=int(config.data.num_workers), depth=int(config.data.prefetch),
+                                   name="maskx-eval-data")
+    try:
+        yield from prefetcher
+    finally:
+        prefetcher.close()
