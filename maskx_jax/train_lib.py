@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as logging_std
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -120,6 +123,20 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
+class _DropLibraryInfo(logging_std.Filter):
+    """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint); warnings pass."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname.replace(os.sep, "/")
+
+
+def quiet_library_logs() -> None:
+    """Keep the console readable: library INFO logs (orbax) are dropped, this module's are kept."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+        handler.addFilter(_DropLibraryInfo())
+
+
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``data`` over ``devices`` (default: every device of every process)."""
     devices = jax.devices() if devices is None else devices
@@ -153,7 +170,8 @@ def config_differences(saved: Mapping, current: Mapping) -> list[tuple[str, Any,
     """[(dotted key, saved value, current value)] for every key that differs (absent = '<absent>')."""
     a, b = _flat_config(saved), _flat_config(current)
     missing = "<absent>"
-    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
 
 
 def format_differences(diffs: Iterable[tuple[str, Any, Any]]) -> str:
@@ -175,7 +193,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list
     arch = [d for d in diffs if is_architecture_key(d[0])]
     if arch:
         raise ConfigMismatchError(
-            f"{workdir} holds a run trained with a different model architecture; refusing to resume it.\n"
+            f"{workdir} holds a run trained with a different model architecture; "
+            f"refusing to resume or evaluate it.\n"
             f"{format_differences(arch)}\n"
             f"Use a new --workdir, or pass the saved values (see {path}).")
     return diffs
@@ -446,11 +465,17 @@ class Trainer:
         evenly, replicated otherwise, and every process gets the whole result back.
         """
         params, rest = state.params, state.rest
+        warned = []
 
         def predict(images, image_sizes) -> Detections:
             images = np.asarray(images, np.float32)
             image_sizes = np.asarray(image_sizes, np.int32)
             sharding = self.batch_sharding if images.shape[0] % self.mesh.size == 0 else self.replicated
+            if sharding is self.replicated and self.mesh.size > 1 and not warned:
+                warned.append(True)
+                logging.warning("eval batch of %d images does not split over %d devices: every device runs the whole "
+                                "batch (set eval.batch_size to a multiple of the device count)", images.shape[0],
+                                self.mesh.size)
             put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])  # noqa: E731
             det = self._predict(params, rest, put(images), put(image_sizes))
             if jax.process_count() > 1:
@@ -525,7 +550,7 @@ class _Logger:
             post = {"loss": f"{float(m['total']):.4g}"}
             post.update({k: f"{float(v):.3g}" for k, v in m["losses"].items()})
             post["lr"] = f"{float(m['lr']):.3g}"
-            post["img/s"] = f"{self.images_per_sec:.1f}"
+            post["img/s"] = f"{self.images_per_sec:.1f}" if math.isfinite(self.images_per_sec) else "-"
             if int(m["skipped"]):
                 post["skipped"] = int(m["skipped"])
             self.bar.set_postfix(post, refresh=False)
@@ -579,25 +604,32 @@ class TrainResult:
     step: int
     skipped: int
     metrics: dict | None  # evaluation metrics, when evaluated
+    preempted: bool = False  # stopped early by SIGTERM / a preemption notice, after saving a checkpoint
 
 
-def _load_num_classes(config: ml_collections.ConfigDict) -> int:
-    from maskx_jax.data.pipeline import load_datasets
+def load_datasets(config: ml_collections.ConfigDict):
+    """``data.pipeline.load_datasets`` (imported lazily: the data stack is not needed to build a Trainer)."""
+    from maskx_jax.data.pipeline import load_datasets as load
 
-    return int(load_datasets(config).num_classes)
+    info = load(config)
+    logging.info("%s", info.report())
+    return info
 
 
-def _default_train_iter(config, *, start_step, process_index, process_count) -> Iterator[Batch]:
+def _default_train_iter(info) -> Callable[..., Iterator[Batch]]:
     from maskx_jax.data.pipeline import make_train_iterator
 
-    return make_train_iterator(config, start_step=start_step, process_index=process_index,
-                               process_count=process_count)
+    def make(config, *, start_step, process_index, process_count) -> Iterator[Batch]:
+        return make_train_iterator(config, start_step=start_step, process_index=process_index,
+                                   process_count=process_count, info=info)
+
+    return make
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer | None = None,
           model_fn: ModelFn | None = None, num_classes: int | None = None,
           train_iter_fn: Callable[..., Iterator[Batch]] | None = None, evaluate_at_end: bool = True,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, info: Any = None) -> TrainResult:
     """Train for ``train.steps`` steps in ``workdir``, resuming from its latest checkpoint if any.
 
     Args:
@@ -606,6 +638,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
       trainer: reuse compiled functions (tests); built from ``config`` otherwise.
       model_fn, num_classes, train_iter_fn: overrides of the model builder, the class count (else
         from ``data.pipeline.load_datasets``) and ``data.pipeline.make_train_iterator`` (same signature).
+      info: an already loaded ``DatasetInfo`` (loaded when needed otherwise).
       evaluate_at_end: run :func:`evaluate` after the last step.
       progress: show the tqdm bar (scalars are logged every ``train.log_every`` steps either way).
     Raises:
@@ -622,11 +655,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
         if changed:
             logging.warning("resuming %s with changed settings:\n%s", workdir, format_differences(changed))
     else:
+        if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+            logging.info("%s has no checkpoint yet: starting fresh and replacing its config.json", workdir)
         write_config(workdir, config)
 
+    if info is None and (train_iter_fn is None or (trainer is None and num_classes is None)):
+        info = load_datasets(config)
     if trainer is None:
         if num_classes is None:
-            num_classes = _load_num_classes(config)
+            num_classes = int(info.num_classes)
         trainer = Trainer(config, num_classes, model_fn=model_fn)
     else:
         check_scaling(config, trainer.mesh)
@@ -646,47 +683,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
 
     start = int(jax.device_get(state.step))
     total = int(t.steps)
-    iter_fn = train_iter_fn or _default_train_iter
+    iter_fn = train_iter_fn or _default_train_iter(info)
     logger = _Logger(workdir, min(start, total), total, int(t.batch_size), int(t.log_every), progress)
     skipped = int(jax.device_get(state.skipped))
+    preempted = False
+    watch = _TerminationWatch(manager)
     try:
         if start < total:
             batches = iter_fn(config, start_step=start, process_index=jax.process_index(),
                               process_count=jax.process_count())
             try:
-                state, skipped = _train_loop(trainer, state, batches, start, total, manager, logger, config)
+                state, skipped, preempted = _train_loop(trainer, state, batches, start, total, manager, logger,
+                                                        watch, t)
             finally:
                 close = getattr(batches, "close", None)
                 if close is not None:
                     close()
     finally:
-        manager.wait_until_finished()
+        watch.close()
+        manager.wait_until_finished()  # a pending async save completes even when the loop raised
+        manager.close()
         logger.close()
-    manager.close()
     if skipped:
         logging.warning("%d step(s) were skipped for non-finite losses", skipped)
+    if info is not None and start < total:
+        logging.info("%s", info.report())  # bad records met while decoding, by kind
     result = TrainResult(state=state, trainer=trainer, step=int(jax.device_get(state.step)), skipped=skipped,
-                         metrics=None)
-    if evaluate_at_end:
-        result.metrics = evaluate(config, workdir, trainer=trainer, state=state, step=result.step)
+                         metrics=None, preempted=preempted)
+    if preempted:
+        logging.warning("stopped at step %d of %d on a termination request; the checkpoint is saved: run the same "
+                        "command again to continue", result.step, total)
+    elif evaluate_at_end:
+        result.metrics = evaluate(config, workdir, trainer=trainer, state=state, step=result.step, info=info,
+                                  progress=progress)
     return result
 
 
-def _host_metrics(metrics: dict) -> dict:
-    return jax.device_get(metrics)
-
-
 def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], start: int, total: int,
-                manager: ocp.CheckpointManager, logger: _Logger,
-                config: ml_collections.ConfigDict) -> tuple[TrainState, int]:
-    """Steps ``start .. total-1``. Metrics are read one step late, so the host never stalls the device."""
-    t = config.train
+                manager: ocp.CheckpointManager, logger: _Logger, watch: "_TerminationWatch",
+                t: ml_collections.ConfigDict) -> tuple[TrainState, int, bool]:
+    """Steps ``start .. total-1``. Metrics are read one step late, so the host never stalls the device.
+
+    Returns (state, skipped steps, whether a termination request stopped the loop early).
+    """
     skipped = 0
     pending = None  # device metrics of the step before the one in flight
 
     def handle(m_dev) -> None:
         nonlocal skipped
-        m = _host_metrics(m_dev)
+        m = jax.device_get(m_dev)
         step = int(m["step"])
         skipped = int(m["skipped"])
         if bool(m["nonfinite"]):
@@ -694,11 +739,12 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
             what = "loss" if not math.isfinite(float(m["total"])) else "gradient"
             if t.on_nonfinite == "stop":
                 latest = manager.latest_step()
-                where = (f"the latest checkpoint is step {latest} in {manager.directory}" if latest is not None
-                         else "no checkpoint was written yet")
+                where = (f"the latest checkpoint is step {latest} ({latest} completed steps) in {manager.directory}"
+                         if latest is not None else "no checkpoint was written yet")
                 raise NonFiniteLossError(
-                    f"non-finite {what} at step {step} (total={float(m['total'])}, {losses}, "
-                    f"grad_norm={float(m['grad_norm'])}); stopping because train.on_nonfinite='stop'. "
+                    f"non-finite {what} at step {step} (the step after {step} completed steps; "
+                    f"total={float(m['total'])}, {losses}, grad_norm={float(m['grad_norm'])}); "
+                    f"stopping because train.on_nonfinite='stop'. "
                     f"That step's update was not applied and nothing was saved after it; {where}. "
                     f"Re-running the same command resumes from it (e.g. with a lower train.lr, or "
                     f"train.on_nonfinite='skip').", step)
@@ -714,19 +760,54 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
             handle(pending)
         pending = metrics
         done = step + 1
-        if done % int(t.checkpoint_every) == 0 or done == total:
+        stop = watch.requested(done)
+        if done % int(t.checkpoint_every) == 0 or done == total or stop:
             handle(pending)  # know this step's outcome before saving it
             pending = None
             _save(manager, state, done)
+        if stop and done < total:
+            return state, skipped, True
     if pending is not None:
         handle(pending)
-    return state, skipped
+    return state, skipped, False
+
+
+class _TerminationWatch:
+    """Turns a termination request into "checkpoint after this step and stop".
+
+    One process: SIGTERM (what SLURM, Kubernetes and most schedulers send before killing a job)
+    sets a flag. Several processes: orbax's preemption sync point, which JAX's distributed
+    runtime agrees on across processes, so every process stops after the same step.
+    """
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager = manager
+        self.flag = False
+        self.previous = None
+        self.installed = False
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self.installed = True
+
+    def _on_signal(self, signum, frame) -> None:
+        del signum, frame
+        self.flag = True
+        logging.warning("SIGTERM received: saving a checkpoint after the current step, then stopping")
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(self.manager.reached_preemption(step))
+        return self.flag
+
+    def close(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 def _log_init_report(workdir: str, report: dict) -> None:
-    logging.info("init checkpoint %s (%s): loaded %d variables, %d left at initialisation, %d checkpoint entries unused",
-                 report["checkpoint"], report["kind"], len(report["loaded"]), len(report["not_loaded"]),
-                 len(report["unused"]))
+    logging.info("init checkpoint %s (%s): loaded %d variables, %d left at initialisation, "
+                 "%d checkpoint entries unused", report["checkpoint"], report["kind"], len(report["loaded"]),
+                 len(report["not_loaded"]), len(report["unused"]))
     if report["not_loaded"]:
         logging.info("not loaded (kept at initialisation):\n  %s", "\n  ".join(report["not_loaded"]))
     if report["shape_mismatch"]:
@@ -742,43 +823,48 @@ def _log_init_report(workdir: str, report: dict) -> None:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer | None = None,
-             state: TrainState | None = None, step: int | None = None, progress: bool = True) -> dict | None:
+             state: TrainState | None = None, step: int | None = None, progress: bool = True,
+             info: Any = None) -> dict | None:
     """COCO evaluation of ``state`` (default: the latest checkpoint in ``workdir``) on the validation set.
 
-    Writes ``WORKDIR/metrics.json`` (AP for all / set A / set B, see :mod:`maskx_jax.evaluate`) and
-    ``eval.num_pictures`` prediction PNGs to ``WORKDIR/pictures``; logs the APs to TensorBoard at
-    ``step``. Returns the metrics (``None`` when the data source has no validation set).
+    Writes ``WORKDIR/metrics.json`` (AP for all / set A / set B, see :mod:`maskx_jax.evaluate`),
+    ``eval.num_pictures`` prediction PNGs to ``WORKDIR/pictures`` and the APs to TensorBoard at
+    ``step``. ``eval.max_images`` limits the images. Every process must call this (the forward
+    pass is one program over the whole mesh); only process 0 writes. Returns the metrics
+    (``None`` when the data has no validation set).
     """
     from maskx_jax import evaluate as evaluate_lib
     from maskx_jax.data import pipeline
 
     workdir = os.path.abspath(workdir)
-    info = pipeline.load_datasets(config)
+    if state is None:
+        check_resume_config(workdir, config)
+    if info is None:
+        info = load_datasets(config)
+    if not info.val_json or info.val is None:
+        logging.warning("no validation set for data.source=%s; skipping evaluation", config.data.source)
+        return None
     if trainer is None:
         trainer = Trainer(config, int(info.num_classes))
     if state is None:
         manager = make_checkpoint_manager(workdir, config)
         latest = manager.latest_step()
         if latest is None:
+            manager.close()
             raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} to evaluate")
-        check_resume_config(workdir, config)
         state = restore_state(manager, trainer, latest)
         manager.close()
+        logging.info("evaluating %s", os.path.join(workdir, CHECKPOINT_DIR, str(latest)))
         step = latest
     step = int(jax.device_get(state.step)) if step is None else step
-    val_json = _info_field(info, "val_json")
-    if not val_json:
-        logging.warning("no validation annotations for data.source=%s; skipping evaluation", config.data.source)
-        return None
     predict_fn = trainer.make_predict_fn(state)
     main = jax.process_index() == 0
-    batches = pipeline.make_eval_batches(config, split="val")
+    batches = pipeline.make_eval_batches(config, "val", max_images=int(config.eval.max_images), info=info)
+    set_a_cat_ids = [info.contiguous_to_cat_id[i] for i in info.set_a_ids if i in info.contiguous_to_cat_id]
     metrics = evaluate_lib.evaluate_model(
-        predict_fn, batches, val_json,
-        contiguous_to_cat_id=_info_field(info, "contiguous_to_cat_id"),
-        set_a_cat_ids=_info_field(info, "set_a_cat_ids"),
+        predict_fn, batches, info.val_json, info.contiguous_to_cat_id, set_a_cat_ids,
         output_json=os.path.join(workdir, METRICS_FILE) if main else None,
-        with_masks=True, progress=progress and main, verbose=main)
+        with_masks=bool(info.val_has_masks), progress=progress and main, verbose=main)
     if main:
         from tensorboardX import SummaryWriter
 
@@ -789,20 +875,51 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
                     if v is not None and v >= 0:
                         writer.add_scalar(f"eval/{group}/{iou_type}/{name}", v, step)
         writer.close()
-    if int(config.eval.num_pictures) > 0 and main:
-        _write_pictures(config, workdir, predict_fn, info)
+        logging.info("step %d: metrics written to %s", step, os.path.join(workdir, METRICS_FILE))
+    if int(config.eval.num_pictures) > 0:
+        write_pictures(config, os.path.join(workdir, PICTURES_DIR), predict_fn, info)
     return metrics
 
 
-def _info_field(info: Any, name: str) -> Any:
-    return info[name] if isinstance(info, Mapping) else getattr(info, name)
+def write_pictures(config: ml_collections.ConfigDict, directory: str, predict_fn: Callable, info: Any) -> list[str]:
+    """Draw the predictions on the first ``eval.num_pictures`` validation images (set-B classes marked).
 
+    Detections with score >= ``eval.picture_score_thresh`` are drawn in the original image frame
+    (boxes mapped back, masks pasted and thresholded at 0.5) by :mod:`maskx_jax.visualize`.
+    Returns the written paths (process 0; other processes only take part in the forward pass).
+    """
+    from maskx_jax import visualize
+    from maskx_jax.data import pipeline
+    from maskx_jax.evaluate import paste_binary_masks
+    from maskx_jax.transform import resize_boxes
 
-def _write_pictures(config: ml_collections.ConfigDict, workdir: str, predict_fn, info) -> None:
-    """HOOK: prediction PNGs via ``maskx_jax/visualize.py`` (not yet available)."""
-    try:
-        from maskx_jax import visualize  # noqa: F401
-    except ImportError:
-        logging.warning("maskx_jax.visualize is not available; no pictures written")
-        return
-    raise NotImplementedError("visualize hook not wired yet")
+    main = jax.process_index() == 0
+    thresh = float(config.eval.picture_score_thresh)
+    if main:
+        os.makedirs(directory, exist_ok=True)
+    written: list[str] = []
+    batches = pipeline.make_eval_batches(config, "val", max_images=int(config.eval.num_pictures), info=info)
+    for batch, records in batches:
+        det = predict_fn(batch.images, batch.image_sizes)
+        if not main:
+            continue
+        for row, record in enumerate(records):
+            example = info.val.load(record.index, info.has_mask_by_class)
+            if example is None:
+                continue
+            keep = np.flatnonzero(np.asarray(det.valid[row]) & (np.asarray(det.scores[row]) >= thresh))
+            height, width = example.image.shape[:2]
+            boxes = resize_boxes(np.asarray(det.boxes[row])[keep], batch.image_sizes[row], (height, width))
+            masks = None
+            if info.val_has_masks:
+                masks = paste_binary_masks(np.asarray(det.masks[row], np.float32)[keep], boxes, height, width)
+                masks = np.transpose(masks, (2, 0, 1)).astype(bool)
+            picture = visualize.draw_detections(
+                example.image, boxes, np.asarray(det.labels[row])[keep], np.asarray(det.scores[row])[keep], masks,
+                class_names=info.class_names, set_b_ids=info.set_b_ids)
+            path = os.path.join(directory, f"{int(record.image_id):012d}.png")
+            visualize.save_png(path, picture)
+            written.append(path)
+    if main:
+        logging.info("%d prediction pictures written to %s", len(written), directory)
+    return written

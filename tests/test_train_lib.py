@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import struct
 
 import jax
@@ -20,7 +21,8 @@ from maskx_jax.checkpoint import save_flat
 
 
 def _flat(tree) -> dict:
-    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
 
 
 def _assert_bitwise(a, b):
@@ -76,9 +78,25 @@ def test_resume_equals_uninterrupted(tmp_path, trainer):
     again = _train(cfg, tmp_path / "killed", trainer)
     _assert_bitwise(straight.state, again.state)
 
+    # SIGTERM while step 2 is prepared: checkpoint after that step (3, off the checkpoint_every grid), stop, resume
+    def terminated_iter(config, *, start_step, **kw):
+        for step, b in enumerate(F.make_synthetic_iter()(config, start_step=start_step, **kw), start_step):
+            if step == 2 and start_step == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
+
+    first = train_lib.train(cfg, str(tmp_path / "term"), trainer=trainer, train_iter_fn=terminated_iter,
+                            evaluate_at_end=False, progress=False)
+    assert first.preempted and first.step == 3
+    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+    again = train_lib.train(cfg, str(tmp_path / "term"), trainer=trainer, train_iter_fn=terminated_iter,
+                            evaluate_at_end=False, progress=False)
+    assert not again.preempted
+    _assert_bitwise(straight.state, again.state)
+
 
 def test_nonfinite_stop_names_step_and_keeps_checkpoint(tmp_path, trainer):
-    clean = _train(F.stand_in_config(steps=2), tmp_path / "clean", trainer)
+    _train(F.stand_in_config(steps=2), tmp_path / "clean", trainer)
     cfg = F.stand_in_config(steps=6, on_nonfinite="stop")
     with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite loss at step 3\b") as err:
         _train(cfg, tmp_path / "run", trainer, nan_steps=(3,))
@@ -197,14 +215,54 @@ def test_tensorboard_scalars(tmp_path, trainer):
     assert all(np.isfinite(v) and v > 0 for _, v in scalars["images_per_sec"])
 
 
-@pytest.mark.skipif(not F.has_real_model(), reason="maskx_jax.model_builder / data.pipeline not available yet")
+
 def test_real_model_resume_bitwise(tmp_path):
+    """The real detector and data pipeline: 4 steps (checkpoints at 2, 4), then the same workdir to 6
+    steps, equals 6 uninterrupted steps bitwise; the end-of-run evaluation writes metrics.json."""
     cfg6 = F.tiny_config(str(tmp_path / "data"), steps=6)
-    trainer = train_lib.Trainer(cfg6, train_lib._load_num_classes(cfg6))
-    straight = train_lib.train(cfg6, str(tmp_path / "straight"), trainer=trainer, evaluate_at_end=False, progress=False)
-    train_lib.train(F.tiny_config(str(tmp_path / "data"), steps=4), str(tmp_path / "split"), trainer=trainer,
-                    evaluate_at_end=False, progress=False)
-    resumed = train_lib.train(cfg6, str(tmp_path / "split"), trainer=trainer, evaluate_at_end=False, progress=False)
-    assert np.isfinite(float(jax.device_get(jax.tree.leaves(straight.state.params)[0]).sum()))
+    info = train_lib.load_datasets(cfg6)
+    trainer = train_lib.Trainer(cfg6, info.num_classes)
+    run = lambda steps, wd, **kw: train_lib.train(  # noqa: E731
+        F.tiny_config(str(tmp_path / "data"), steps=steps), str(tmp_path / wd), trainer=trainer, info=info,
+        progress=False, **kw)
+    straight = run(6, "straight", evaluate_at_end=False)
+    run(4, "split", evaluate_at_end=False)
+    resumed = run(6, "split", evaluate_at_end=True)
+    assert straight.step == resumed.step == 6
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(straight.state.params)))
     _assert_bitwise(straight.state, resumed.state)
-    assert os.path.isdir(tmp_path / "split" / "checkpoints" / "6")
+    assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["2", "4", "6"]
+    metrics = json.load(open(tmp_path / "split" / train_lib.METRICS_FILE))
+    assert set(metrics) == {"all", "set_a", "set_b"}
+    assert resumed.metrics == metrics
+
+
+def test_real_model_init_checkpoint(tmp_path):
+    """Converted-checkpoint layouts on the real detector: a detector with another class count loads
+    all but the class-sized layers; a ResNet checkpoint lands under backbone.body."""
+    from maskx_jax.checkpoint import save_detector, save_resnet
+    from maskx_jax.model_builder import build_model
+
+    cfg = F.real_model_config()
+    trainer = train_lib.Trainer(cfg, F.NUM_CLASSES)
+    state = trainer.init_state()
+    other = build_model(cfg, F.NUM_CLASSES + 2, seed=7)
+    save_detector(str(tmp_path / "det"), other)
+    new, report = trainer.load_init_checkpoint(state, str(tmp_path / "det"))
+    assert report["kind"] == "detector" and not report["unused"]
+    mismatched = {m.split(":")[0] for m in report["shape_mismatch"]}
+    assert mismatched and all(n.startswith("roi_heads.") for n in mismatched), mismatched
+    assert set(report["not_loaded"]) == mismatched
+    assert "backbone.body.conv1.kernel" in report["loaded"] and "backbone.body.bn1.running_var" in report["loaded"]
+    np.testing.assert_array_equal(np.asarray(new.rest["backbone"]["body"]["conv1"]["kernel"][...]),
+                                  np.asarray(other.backbone.body.conv1.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(new.params["rpn"]["head"]["conv"]["kernel"][...]),
+                                  np.asarray(other.rpn.head.conv.kernel[...]))
+
+    save_resnet(str(tmp_path / "resnet"), other.backbone.body)
+    new, report = trainer.load_init_checkpoint(state, str(tmp_path / "resnet"))
+    assert report["loaded"] and all(n.startswith("backbone.body.") for n in report["loaded"])
+    assert not report["unused"] and not report["shape_mismatch"]
+    assert not any(n.startswith("backbone.body.") for n in report["not_loaded"])
+    np.testing.assert_array_equal(np.asarray(new.params["backbone"]["body"]["layer4"][1]["conv2"]["kernel"][...]),
+                                  np.asarray(other.backbone.body.layer4[1].conv2.kernel[...]))

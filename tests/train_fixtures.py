@@ -3,11 +3,11 @@
 The stand-in exposes the real detector's interface (``losses(batch, rng)``, ``predict(images,
 image_sizes)``), has both trainable ``nnx.Param`` and frozen ``FrozenStat`` variables, and uses
 its RNG, so the train-loop machinery (sharding, checkpoints, resumption, non-finite handling) is
-tested in seconds. Where the real model exists, the same tests also run it with :func:`tiny_config`.
+tested in seconds; the same tests also run the real detector at toy size (:func:`tiny_config`).
 """
 from __future__ import annotations
 
-import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +21,6 @@ from maskx_jax.types import Batch, Detections
 NUM_CLASSES = 5
 IMAGE = 32
 SLOTS = 3
-
-
-def has_real_model() -> bool:
-    return (importlib.util.find_spec("maskx_jax.model_builder") is not None
-            and importlib.util.find_spec("maskx_jax.data.pipeline") is not None)
 
 
 class TinyDetector(nnx.Module):
@@ -125,7 +120,7 @@ def stand_in_config(**train):
 
 def tiny_config(data_dir: str, **train):
     """The real model at toy size: ResNet-18, 64x64 images, few anchors' top-n and RoIs."""
-    c = stand_in_config(**train)
+    c = stand_in_config(**dict(dict(lr=0.02), **train))
     m, d = c.model, c.data
     m.depth = 18
     m.fpn_channels = 32
@@ -140,8 +135,12 @@ def tiny_config(data_dir: str, **train):
     m.roi_batch_size_per_image = 16
     m.max_mask_rois_per_image = 8
     m.detections_per_img = 10
+    m.mlp_fusion = False  # its 25088 x 784 FC would dominate the toy model's size
+    m.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
+    d.set_a = "disk,square,triangle,star,cross,ellipse"  # the synthetic classes in set A; the rest are set B
     d.source = "synthetic"
-    d.synthetic_dir = data_dir
+    d.synthetic_dir = os.path.join(data_dir, "synthetic")
+    d.cache_dir = os.path.join(data_dir, "cache")
     d.synthetic_image_size = 64
     d.synthetic_num_train = 16
     d.synthetic_num_val = 8
@@ -164,9 +163,7 @@ def tiny_config(data_dir: str, **train):
 
 def real_model_config(**train):
     """The real detector at toy size for batches from :func:`real_batch` (no data pipeline needed)."""
-    c = tiny_config("unused", **train)
-    c.model.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
-    return c
+    return tiny_config("unused", **train)
 
 
 def real_batch(seed: int, step: int, batch_size: int) -> Batch:
@@ -186,15 +183,18 @@ def _worker(argv):
     jax.config.update("jax_default_matmul_precision", "highest")
     from maskx_jax import train_lib
 
+    # No warmup, so the very first step moves the parameters by a full lr * gradient.
     if kind == "real":
-        cfg = real_model_config()
+        cfg = real_model_config(warmup_steps=0)
         trainer = train_lib.Trainer(cfg, NUM_CLASSES)
         batch_fn = real_batch
     else:
-        cfg = stand_in_config()
+        cfg = stand_in_config(warmup_steps=0)
         trainer = train_lib.Trainer(cfg, NUM_CLASSES, model_fn=tiny_model_fn)
         batch_fn = synthetic_batch
     state = trainer.init_state()
+    init = {"init/" + jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
     totals, times = [], []
     losses = {}
     for step in range(steps):
@@ -209,7 +209,7 @@ def _worker(argv):
     params = {"param/" + jax.tree_util.keystr(p): np.asarray(x)
               for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
     np.savez(out, total=np.asarray(totals), times=np.asarray(times), devices=jax.device_count(),
-             **{"loss/" + k: np.asarray(v) for k, v in losses.items()}, **params)
+             **{"loss/" + k: np.asarray(v) for k, v in losses.items()}, **params, **init)
     print(f"{kind}: {jax.device_count()} devices, step times {np.round(times, 3).tolist()} s", file=sys.stderr)
 
 
