@@ -23,13 +23,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = m = ml_collections.ConfigDict()
     m.depth = 50  # ResNet depth: 18, 34, 50, 101
     m.norm = "frozen_bn"  # frozen_bn (pretrained backbones) | group_norm (trains from scratch)
-    m.norm_eps = 1e-5
+    m.norm_eps = 1e-5  # normalisation epsilon (0 for torchvision's legacy COCO v1 weights)
     m.freeze_at = 2  # stop-gradient through the stem (1) and layer1 (2); 0 trains everything
-    m.fpn_channels = 256
+    m.fpn_channels = 256  # FPN output channels (P2..P6)
     m.representation = 1024  # box head fc6/fc7 width
-    m.mask_head_channels = 256
+    m.mask_head_channels = 256  # width of the 4 mask convs and conv5_mask
     m.aligned = False  # RoIAlign pixel alignment (True = Detectron2's ROIAlignV2)
-    m.sampling_ratio = 2
+    m.sampling_ratio = 2  # RoIAlign samples per bin side (>= 1: static shapes)
     # Mask^X: how the per-class mask weights are produced
     m.mask_mode = "transfer"  # class_specific (oracle Mask R-CNN) | class_agnostic | transfer
     m.transfer_input = "cls+box"  # cls | box | cls+box: which detection weights embed a class
@@ -40,77 +40,77 @@ def base_config() -> ml_collections.ConfigDict:
     m.mlp_fusion = True  # add a class-agnostic FC mask prediction to every class's logits
     # RPN
     m.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))  # one tuple per level P2..P6
-    m.aspect_ratios = (0.5, 1.0, 2.0)
-    m.rpn_pre_nms_top_n_train = 2000
-    m.rpn_post_nms_top_n_train = 2000
-    m.rpn_pre_nms_top_n_test = 1000
-    m.rpn_post_nms_top_n_test = 1000
-    m.rpn_nms_thresh = 0.7
-    m.rpn_fg_iou_thresh = 0.7
-    m.rpn_bg_iou_thresh = 0.3
-    m.rpn_batch_size_per_image = 256
-    m.rpn_positive_fraction = 0.5
+    m.aspect_ratios = (0.5, 1.0, 2.0)  # anchor height/width ratios at every level
+    m.rpn_pre_nms_top_n_train = 2000  # proposals kept per level before NMS (training)
+    m.rpn_post_nms_top_n_train = 2000  # proposals kept per image after NMS (training)
+    m.rpn_pre_nms_top_n_test = 1000  # per level before NMS (inference)
+    m.rpn_post_nms_top_n_test = 1000  # per image after NMS (inference)
+    m.rpn_nms_thresh = 0.7  # RPN NMS IoU (applied per pyramid level)
+    m.rpn_fg_iou_thresh = 0.7  # anchor IoU >= this: foreground
+    m.rpn_bg_iou_thresh = 0.3  # anchor IoU < this: background (between: ignored)
+    m.rpn_batch_size_per_image = 256  # anchors sampled per image for the RPN losses
+    m.rpn_positive_fraction = 0.5  # at most this fraction of them positive
     # RoI heads
-    m.roi_fg_iou_thresh = 0.5
-    m.roi_batch_size_per_image = 512
-    m.roi_positive_fraction = 0.25
-    m.box_score_thresh = 0.05
-    m.box_nms_thresh = 0.5
-    m.detections_per_img = 100
+    m.roi_fg_iou_thresh = 0.5  # RoI IoU >= this: foreground, else background
+    m.roi_batch_size_per_image = 512  # RoIs sampled per image for the box/mask losses
+    m.roi_positive_fraction = 0.25  # at most this fraction of them positive
+    m.box_score_thresh = 0.05  # inference: drop detections scoring <= this
+    m.box_nms_thresh = 0.5  # inference: per-class NMS IoU
+    m.detections_per_img = 100  # inference: detections kept per image
     m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
-    m.box_roi_size = 7
+    m.box_roi_size = 7  # RoIAlign output for the box head
     m.mask_roi_size = 14  # mask logits are 2x this (28x28)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # synthetic | coco | tfds
     d.train_json = ""  # COCO annotation file (source=coco)
     d.train_images = ""  # image folder (source=coco)
-    d.val_json = ""
-    d.val_images = ""
+    d.val_json = ""  # COCO annotation file for evaluation
+    d.val_images = ""  # its image folder
     d.tfds_name = "coco/2017"  # source=tfds (box-only: tfds coco has no instance masks)
-    d.tfds_data_dir = ""
+    d.tfds_data_dir = ""  # local directory holding the prepared tfds dataset (nothing is downloaded)
     d.tfds_train_split = "train"  # tfds split used for training
     d.tfds_val_split = "validation"  # tfds split for evaluation when data.val_json is empty (box AP only)
     d.set_a = ""  # comma-separated class names with mask supervision, or a preset: voc | nonvoc | all
-    d.mask_supervision = "by_class"
-    d.min_size = 800
-    d.max_size = 1333
+    d.mask_supervision = "by_class"  # an instance supervises the mask loss iff its class is in set A
+    d.min_size = 800  # resize: shorter side (torchvision rule)
+    d.max_size = 1333  # resize: longer side at most
     d.pad_height = 800  # static padded input size (multiple of 32); images are resized to fit
-    d.pad_width = 1344
+    d.pad_width = 1344  # (see pad_height)
     d.max_instances = 100  # static instance slots per image (extra instances are dropped, counted)
     d.mask_crop_size = 56  # host-side per-instance mask crop resolution
-    d.hflip_prob = 0.5
+    d.hflip_prob = 0.5  # training: horizontal flip probability
     d.num_workers = 2  # host decoding threads
     d.prefetch = 4  # batches prepared ahead of the device
     d.drop_images_without_annotations = True  # train only: skip (counted) images with no usable non-crowd instance
     d.cache_dir = "runs/data_cache"  # derived files: cleaned validation JSON, tfds validation JSON
     # built-in synthetic dataset (generated on first use into data.synthetic_dir)
-    d.synthetic_dir = "runs/synthetic_data"
-    d.synthetic_num_train = 600
-    d.synthetic_num_val = 100
-    d.synthetic_image_size = 128
-    d.synthetic_seed = 0
+    d.synthetic_dir = "runs/synthetic_data"  # where the built-in dataset is generated (once)
+    d.synthetic_num_train = 600  # synthetic training images
+    d.synthetic_num_val = 100  # synthetic validation images
+    d.synthetic_image_size = 128  # synthetic image side in pixels
+    d.synthetic_seed = 0  # synthetic generator seed
 
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 16  # global, over all devices and hosts
-    t.steps = 90000
-    t.lr = 0.02
-    t.momentum = 0.9
-    t.weight_decay = 1e-4
-    t.warmup_steps = 1000
-    t.warmup_factor = 0.001
-    t.lr_steps = (60000, 80000)
-    t.lr_gamma = 0.1
-    t.seed = 0
+    t.steps = 90000  # optimisation steps
+    t.lr = 0.02  # peak learning rate (after warmup)
+    t.momentum = 0.9  # SGD momentum
+    t.weight_decay = 1e-4  # L2 weight decay (added to the gradient, as torch SGD)
+    t.warmup_steps = 1000  # linear warmup length
+    t.warmup_factor = 0.001  # warmup starts at lr * this
+    t.lr_steps = (60000, 80000)  # multiply the lr by lr_gamma at each of these steps
+    t.lr_gamma = 0.1  # step decay factor
+    t.clip_grad_norm = 0.0  # > 0: clip gradients to this global norm (0 = off, as in the paper)
+    t.seed = 0  # parameter init, RoI/anchor sampling, data order and flips
     t.init_checkpoint = ""  # converted torchvision checkpoint (detector or resnet backbone)
-    t.checkpoint_every = 5000
-    t.keep_checkpoints = 3
-    t.log_every = 20
-    t.dtype = "float32"  # compute dtype: float32 | bfloat16
+    t.checkpoint_every = 5000  # save an orbax checkpoint every this many steps (and at the end)
+    t.keep_checkpoints = 3  # checkpoints kept in WORKDIR/checkpoints
+    t.log_every = 20  # TensorBoard scalars every this many steps
     t.on_nonfinite = "stop"  # non-finite loss: stop (name the step, keep the last good checkpoint) | skip (drop that update, count it)
 
     c.eval = e = ml_collections.ConfigDict()
-    e.batch_size = 8
+    e.batch_size = 8  # evaluation batch (global)
     e.max_images = 0  # 0 = the whole validation set
     e.num_pictures = 8  # prediction PNGs written after evaluation
     e.picture_score_thresh = 0.5  # detections drawn in those pictures: score at least this
@@ -145,7 +145,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(d.source != "coco" or bool(d.train_json and d.train_images), "data.source=coco needs data.train_json and data.train_images")
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
     check(list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps must be increasing")
-    check(t.dtype in ("float32", "bfloat16"), "train.dtype must be float32 or bfloat16")
     check(m.mask_mode != "transfer" or d.set_a.strip() != "", "model.mask_mode=transfer needs a non-empty data.set_a")
     if errors:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))

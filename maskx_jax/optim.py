@@ -53,12 +53,17 @@ def make_schedule(train_cfg: Any) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
-    """SGD with momentum and torch-style (coupled) weight decay under :func:`make_schedule`.
+    """SGD with momentum and torch-style (coupled) weight decay under :func:`make_schedule`,
+    after optional global-norm gradient clipping (``train.clip_grad_norm`` > 0).
 
     Args:
       train_cfg: the ``train`` section of the config (``momentum``, ``weight_decay`` and the schedule keys).
     """
     parts = []
+    clip = float(train_cfg.get("clip_grad_norm", 0.0))
+    if clip > 0:
+        # Global-norm clipping first: it bounds the rare huge gradients of from-scratch training.
+        parts.append(optax.clip_by_global_norm(clip))
     if float(train_cfg.weight_decay) > 0:
         parts.append(optax.add_decayed_weights(float(train_cfg.weight_decay)))
     momentum = float(train_cfg.momentum)
