@@ -94,9 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 16  # global, over all devices and hosts
     t.steps = 90000  # optimisation steps
+    t.optimizer = "sgd"  # sgd (the paper: momentum, L2 decay added to the gradient) | adamw (decoupled decay)
     t.lr = 0.02  # peak learning rate (after warmup)
     t.momentum = 0.9  # SGD momentum
-    t.weight_decay = 1e-4  # L2 weight decay (added to the gradient, as torch SGD)
+    t.weight_decay = 1e-4  # weight decay (sgd: added to the gradient as torch SGD; adamw: decoupled)
     t.warmup_steps = 1000  # linear warmup length
     t.warmup_factor = 0.001  # warmup starts at lr * this
     t.lr_steps = (60000, 80000)  # multiply the lr by lr_gamma at each of these steps
@@ -145,6 +146,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(d.source != "coco" or bool(d.train_json and d.train_images), "data.source=coco needs data.train_json and data.train_images")
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
     check(list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps must be increasing")
+    check(t.optimizer in ("sgd", "adamw"), f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
     check(m.mask_mode != "transfer" or d.set_a.strip() != "", "model.mask_mode=transfer needs a non-empty data.set_a")
     if errors:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
