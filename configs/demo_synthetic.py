@@ -59,4 +59,5 @@ def get_config():
 
     e.batch_size = 20
     e.num_pictures = 6
+    e.picture_score_thresh = 0.3  # a short CPU schedule gives modest scores: draw more of them
     return c
