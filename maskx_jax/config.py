@@ -115,6 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
     e.max_images = 0  # 0 = the whole validation set
     e.num_pictures = 8  # prediction PNGs written after evaluation
     e.picture_score_thresh = 0.5  # detections drawn in those pictures: score at least this
+    e.tb_images_every = 0  # training: predictions on tb_num_images val images to TensorBoard every N steps (0 = off)
+    e.tb_num_images = 4  # validation images shown in TensorBoard (the same ones every time)
 
     c.lock()
     return c
@@ -145,7 +147,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(d.mask_supervision in MASK_SUPERVISION, f"data.mask_supervision must be one of {MASK_SUPERVISION}")
     check(d.source != "coco" or bool(d.train_json and d.train_images), "data.source=coco needs data.train_json and data.train_images")
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
-    check(list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps must be increasing")
+    # Tuple-valued keys: a command-line override can give them any shape, so check it here
+    # rather than deep inside the model's tracing.
+    def numbers(v, kind=(int, float)) -> bool:
+        return isinstance(v, (tuple, list)) and all(isinstance(x, kind) and not isinstance(x, bool) and x > 0 for x in v)
+
+    check(isinstance(m.anchor_sizes, (tuple, list)) and len(m.anchor_sizes) == 5
+          and all(numbers(s) and len(s) >= 1 for s in m.anchor_sizes),
+          f"model.anchor_sizes must be 5 non-empty tuples (P2..P6) of positive sizes, got {m.anchor_sizes!r}")
+    check(numbers(m.aspect_ratios) and len(m.aspect_ratios) >= 1,
+          f"model.aspect_ratios must be a non-empty tuple of positive numbers, got {m.aspect_ratios!r}")
+    lr_steps_ok = numbers(t.lr_steps, int) or len(t.lr_steps) == 0
+    check(lr_steps_ok, f"train.lr_steps must be a tuple of positive step numbers, got {t.lr_steps!r}")
+    check(not lr_steps_ok or list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps must be increasing")
+    check(c.eval.tb_images_every >= 0 and c.eval.tb_num_images >= 1,
+          "eval.tb_images_every must be >= 0 (0 = off) and eval.tb_num_images >= 1")
     check(t.optimizer in ("sgd", "adamw"), f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
     check(m.mask_mode != "transfer" or d.set_a.strip() != "", "model.mask_mode=transfer needs a non-empty data.set_a")
     if errors:

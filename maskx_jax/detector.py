@@ -131,7 +131,7 @@ class MaskRCNN(nnx.Module):
         if rh.weight_transfer is not None:
             bp = rh.box_predictor
             wt = rh.weight_transfer
-            emb = class_embedding(bp.cls_score.kernel[...], bp.bbox_pred.kernel[...], wt.input_kind)[labels]
+            emb = class_embedding(bp.cls_score.kernel[...], bp.bbox_pred.kernel[...], wt.input_kind, labels)
             weight = wt.transform(emb)
             logits = mask_logits_for_labels(features, weight, None, None)
         else:

@@ -4,7 +4,8 @@ Layout of a work directory::
 
     WORKDIR/config.json        the config of the run that created it (checked on every resume)
     WORKDIR/checkpoints/N/     orbax checkpoint of the TrainState after N completed steps
-    WORKDIR/tb/                TensorBoard event files (every loss, lr, grad norm, images/s)
+    WORKDIR/tb/                TensorBoard event files (every loss, lr, grad norm, images/s; prediction
+                               images every ``eval.tb_images_every`` steps)
     WORKDIR/init_checkpoint_report.json   what ``train.init_checkpoint`` loaded, by name
     WORKDIR/metrics.json       COCO AP (all / set A / set B) of the final evaluation
     WORKDIR/pictures/          prediction PNGs (``eval.num_pictures``)
@@ -490,14 +491,78 @@ class Trainer:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def make_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def make_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
+                            cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+    """Orbax manager over ``WORKDIR/checkpoints``.
+
+    A save goes to ``N.orbax-checkpoint-tmp`` and is renamed to ``N`` only once complete, so a
+    process killed mid-save leaves that temporary directory behind, which the manager never
+    lists as a step (it is removed when step N is saved again). ``cleanup_tmp`` also deletes
+    such leftovers when the manager opens: :func:`train` asks for it; evaluation does not, as it
+    may run while a training process is writing a checkpoint.
+    """
     options = ocp.CheckpointManagerOptions(max_to_keep=int(config.train.keep_checkpoints), create=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True, cleanup_tmp_directories=cleanup_tmp)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """{'params.rpn.head.conv.kernel': shape} for every array leaf (attribute, dict and list keys alike)."""
+    def name(k) -> str:
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape"):
+            key = ".".join(name(k) for k in path)
+            out[key[:-len(".value")] if key.endswith(".value") else key] = tuple(leaf.shape)
+    return out
+
+
+def check_checkpoint_fits(manager: ocp.CheckpointManager, trainer: Trainer, step: int, max_lines: int = 15) -> None:
+    """Compare checkpoint ``step``'s saved arrays (orbax metadata, no data read) with the state ``trainer``
+    builds; raise :class:`ConfigMismatchError` listing missing / unexpected variables and shape differences.
+
+    Catches a checkpoint from another config even without ``config.json`` (copied checkpoints, another
+    dataset's class count), where orbax would fail deep inside the restore with a dump of both trees.
+    """
+    path = os.path.join(str(manager.directory), str(step), "default")
+    try:
+        from etils import epath
+
+        saved = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: the restore itself will report it
+        logging.warning("could not read the metadata of %s (%s); restoring without checking it first", path, e)
+        return
+    want = _leaf_shapes(trainer.abstract_state())
+
+    def listed(title: str, items: list[str]) -> list[str]:
+        if not items:
+            return []
+        more = [f"    ... and {len(items) - max_lines} more"] if len(items) > max_lines else []
+        return [f"  {title} ({len(items)}):"] + [f"    {i}" for i in items[:max_lines]] + more
+
+    order = lambda k: (not k.startswith(("params.", "rest.")), k)  # noqa: E731 - the variables before their optimiser state
+    missing = sorted(set(want) - set(saved), key=order)
+    unexpected = sorted(set(saved) - set(want), key=order)
+    shapes = [f"{k}: checkpoint {saved[k]}, model {want[k]}" for k in sorted(set(want) & set(saved), key=order)
+              if saved[k] != want[k]]
+    if missing or unexpected or shapes:
+        raise ConfigMismatchError(
+            f"the checkpoint {path} does not fit the model built from this config ({len(saved)} arrays saved, "
+            f"{len(want)} expected); refusing to restore it.\n"
+            + "\n".join(listed("in the model, not in the checkpoint", missing)
+                        + listed("in the checkpoint, not in the model", unexpected)
+                        + listed("shape differs", shapes))
+            + "\nIt was written with another model config or dataset (class count): use its config, or a new --workdir.")
 
 
 def restore_state(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None = None) -> TrainState:
     step = manager.latest_step() if step is None else step
+    check_checkpoint_fits(manager, trainer, step)
     return manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state()))
 
 
@@ -648,7 +713,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
     t = config.train
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    manager = make_checkpoint_manager(workdir, config)
+    manager = make_checkpoint_manager(workdir, config, cleanup_tmp=True)
     latest = manager.latest_step()
     if latest is not None:
         changed = check_resume_config(workdir, config)
@@ -690,11 +755,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
     watch = _TerminationWatch(manager)
     try:
         if start < total:
+            tb_images = make_tb_images_hook(config, trainer, info, logger.writer)
             batches = iter_fn(config, start_step=start, process_index=jax.process_index(),
                               process_count=jax.process_count())
             try:
                 state, skipped, preempted = _train_loop(trainer, state, batches, start, total, manager, logger,
-                                                        watch, t)
+                                                        watch, t, on_step=tb_images)
             finally:
                 close = getattr(batches, "close", None)
                 if close is not None:
@@ -721,9 +787,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
 
 def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], start: int, total: int,
                 manager: ocp.CheckpointManager, logger: _Logger, watch: "_TerminationWatch",
-                t: ml_collections.ConfigDict) -> tuple[TrainState, int, bool]:
+                t: ml_collections.ConfigDict, on_step: Callable[[int, TrainState], None] | None = None
+                ) -> tuple[TrainState, int, bool]:
     """Steps ``start .. total-1``. Metrics are read one step late, so the host never stalls the device.
 
+    ``on_step(completed_steps, state)`` runs after every step (e.g. :func:`make_tb_images_hook`).
     Returns (state, skipped steps, whether a termination request stopped the loop early).
     """
     skipped = 0
@@ -760,6 +828,8 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
             handle(pending)
         pending = metrics
         done = step + 1
+        if on_step is not None:
+            on_step(done, state)
         stop = watch.requested(done)
         if done % int(t.checkpoint_every) == 0 or done == total or stop:
             handle(pending)  # know this step's outcome before saving it
@@ -878,6 +948,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
         logging.info("step %d: metrics written to %s", step, os.path.join(workdir, METRICS_FILE))
     if int(config.eval.num_pictures) > 0:
         write_pictures(config, os.path.join(workdir, PICTURES_DIR), predict_fn, info)
+    if main:
+        logging.info("%s", info.report())  # now including the validation images' problems
     return metrics
 
 
@@ -890,8 +962,6 @@ def write_pictures(config: ml_collections.ConfigDict, directory: str, predict_fn
     """
     from maskx_jax import visualize
     from maskx_jax.data import pipeline
-    from maskx_jax.evaluate import paste_binary_masks
-    from maskx_jax.transform import resize_boxes
 
     main = jax.process_index() == 0
     thresh = float(config.eval.picture_score_thresh)
@@ -903,23 +973,83 @@ def write_pictures(config: ml_collections.ConfigDict, directory: str, predict_fn
         det = predict_fn(batch.images, batch.image_sizes)
         if not main:
             continue
-        for row, record in enumerate(records):
-            example = info.val.load(record.index, info.has_mask_by_class)
-            if example is None:
-                continue
-            keep = np.flatnonzero(np.asarray(det.valid[row]) & (np.asarray(det.scores[row]) >= thresh))
-            height, width = example.image.shape[:2]
-            boxes = resize_boxes(np.asarray(det.boxes[row])[keep], batch.image_sizes[row], (height, width))
-            masks = None
-            if info.val_has_masks:
-                masks = paste_binary_masks(np.asarray(det.masks[row], np.float32)[keep], boxes, height, width)
-                masks = np.transpose(masks, (2, 0, 1)).astype(bool)
-            picture = visualize.draw_detections(
-                example.image, boxes, np.asarray(det.labels[row])[keep], np.asarray(det.scores[row])[keep], masks,
-                class_names=info.class_names, set_b_ids=info.set_b_ids)
+        for record, picture in draw_predictions(det, batch, records, info, thresh):
             path = os.path.join(directory, f"{int(record.image_id):012d}.png")
             visualize.save_png(path, picture)
             written.append(path)
     if main:
         logging.info("%d prediction pictures written to %s", len(written), directory)
     return written
+
+
+def draw_predictions(det: Detections, batch: Batch, records: list, info: Any,
+                     thresh: float) -> list[tuple[Any, np.ndarray]]:
+    """[(record, uint8 HWC picture)] for the rows of an evaluation batch (``make_eval_batches``):
+    detections scoring >= ``thresh`` drawn on the original image (set-B classes marked)."""
+    from maskx_jax import visualize
+    from maskx_jax.evaluate import paste_binary_masks
+    from maskx_jax.transform import resize_boxes
+
+    out = []
+    for row, record in enumerate(records):
+        example = info.val.load(record.index, info.has_mask_by_class)
+        if example is None:
+            continue
+        keep = np.flatnonzero(np.asarray(det.valid[row]) & (np.asarray(det.scores[row]) >= thresh))
+        height, width = example.image.shape[:2]
+        boxes = resize_boxes(np.asarray(det.boxes[row])[keep], batch.image_sizes[row], (height, width))
+        masks = None
+        if info.val_has_masks:
+            masks = paste_binary_masks(np.asarray(det.masks[row], np.float32)[keep], boxes, height, width)
+            masks = np.transpose(masks, (2, 0, 1)).astype(bool)
+        picture = visualize.draw_detections(
+            example.image, boxes, np.asarray(det.labels[row])[keep], np.asarray(det.scores[row])[keep], masks,
+            class_names=info.class_names, set_b_ids=info.set_b_ids)
+        out.append((record, picture))
+    return out
+
+
+def make_tb_images_hook(config: ml_collections.ConfigDict, trainer: Trainer, info: Any,
+                        writer: Any) -> Callable[[int, TrainState], None] | None:
+    """``on_step`` for :func:`_train_loop`: every ``eval.tb_images_every`` steps, the predictions on
+    the first ``eval.tb_num_images`` validation images (the same ones every time, prepared once)
+    go to TensorBoard as ``predictions/<image id>`` (HWC uint8, drawn like ``write_pictures``,
+    score >= ``eval.picture_score_thresh``). None when off (0) or without a validation set.
+
+    Every process runs the forward pass (one program over the mesh); ``writer`` is None except on
+    process 0, which draws and writes.
+    """
+    every = int(config.eval.tb_images_every)
+    if every <= 0:
+        return None
+    from maskx_jax.data import pipeline
+
+    info = info if info is not None else load_datasets(config)
+    if info.val is None:
+        logging.warning("eval.tb_images_every=%d but there is no validation set: no TensorBoard images", every)
+        return None
+    n = int(config.eval.tb_num_images)
+    size = trainer.mesh.size
+    batches = pipeline.make_eval_batches(config, "val", batch_size=-(-n // size) * size, max_images=n, info=info)
+    try:
+        batch, records = next(batches)  # the whole fixed set: one batch, padded to split over the mesh
+    finally:
+        batches.close()
+    thresh = float(config.eval.picture_score_thresh)
+
+    def hook(step: int, state: TrainState) -> None:
+        if step % every:
+            return
+        det = trainer.make_predict_fn(state)(batch.images, batch.image_sizes)
+        if writer is None:
+            return
+        try:
+            pictures = draw_predictions(det, batch, records, info, thresh)
+        except Exception:  # noqa: BLE001 - a picture is not worth a training run
+            logging.exception("step %d: drawing the TensorBoard prediction images failed; training goes on", step)
+            return
+        for record, picture in pictures:
+            writer.add_image(f"predictions/{int(record.image_id)}", picture, step, dataformats="HWC")
+        writer.flush()
+
+    return hook

@@ -23,15 +23,22 @@ Array = jax.Array
 INPUT_DIMS = {"cls": 1, "box": 4, "cls+box": 5}  # multiples of the box head representation width
 
 
-def class_embedding(cls_kernel: Array, box_kernel: Array, kind: str) -> Array:
+def class_embedding(cls_kernel: Array, box_kernel: Array, kind: str, labels: Array | None = None) -> Array:
     """Per-class detection weights.
 
     cls_kernel: [rep, K+1] (``cls_score.kernel``); box_kernel: [rep, 4(K+1)] (``bbox_pred.kernel``,
-    class-major columns). Returns [K+1, d] with d = rep, 4 rep or 5 rep.
+    class-major columns). Returns [K+1, d] with d = rep, 4 rep or 5 rep; with ``labels`` [R], the
+    rows of those classes only, [R, d], gathered straight from the kernels' columns so that no
+    [K+1, d] array is formed (inference cost independent of the vocabulary size K).
     """
-    k1 = cls_kernel.shape[1]
-    cls = cls_kernel.T  # [K+1, rep]
-    box = box_kernel.T.reshape(k1, -1)  # [K+1, 4 rep]: class c's rows 4c..4c+3 (torch layout)
+    if labels is not None:
+        cls = cls_kernel[:, labels].T  # [R, rep]
+        cols = 4 * labels[:, None] + jnp.arange(4, dtype=labels.dtype)  # [R, 4]: columns 4c..4c+3
+        box = jnp.transpose(box_kernel[:, cols], (1, 2, 0)).reshape(labels.shape[0], -1)  # [R, 4 rep]
+    else:
+        k1 = cls_kernel.shape[1]
+        cls = cls_kernel.T  # [K+1, rep]
+        box = box_kernel.T.reshape(k1, -1)  # [K+1, 4 rep]: class c's rows 4c..4c+3 (torch layout)
     if kind == "cls":
         return cls
     if kind == "box":

@@ -1,0 +1,51 @@
+"""Large vocabulary (the paper's headline use, Hu et al. 2018 Sec. 5): Mask^X R-CNN segmenting ~3000
+Visual Genome classes while mask supervision exists for COCO's 80 only.
+
+Every class has box supervision (cls_score / bbox_pred rows for all K = 3000); tau (cls+box,
+2-layer LeakyReLU, stop-grad, MLP fusion, ResNet-50-FPN) turns each class's detection weights into
+its mask weights, trained on set A = the 80 COCO classes and applied to all 3000 at test time.
+
+Data (source=coco, no new loader needed): one COCO-format training JSON whose ``categories`` are
+the 3000 VG classes, holding the VG box annotations plus the COCO instances with their masks,
+the latter labelled with the COCO names below (set A); a VG category with a COCO name is the
+same class. Images are read from ``data.train_images`` (file names relative to it). The class
+count comes from the data: K = 3000 gives ``num_classes`` = 3001 (:data:`NUM_CLASSES`, used by
+``benchmarks/large_vocab.py`` and ``tests/test_large_vocab.py``). VG has no instance masks, so a
+VG validation JSON scores boxes for all classes and masks wherever the JSON has them.
+
+Inference cost of the mask branch does not grow with K: ``MaskRCNN.mask_logits`` gathers each
+detection's class embedding straight from the detection weights' columns, runs tau on those D
+rows and applies one 1x1 conv channel per RoI; nothing of size K x 28 x 28 is formed (see the
+README's "Large vocabulary" table). The box branch is K-way by nature (classifier, per-class
+decoding and NMS).
+
+  python train.py --config configs/vg3k_maskx.py --workdir runs/vg3k_maskx \\
+    --config.data.train_json=vg3k_coco80/train.json --config.data.train_images=vg3k_coco80/images \\
+    --config.data.val_json=vg3k_coco80/val.json --config.data.val_images=vg3k_coco80/images \\
+    --config.train.init_checkpoint=ckpt/r50
+"""
+from maskx_jax.config import base_config
+from maskx_jax.data.classes import COCO_CATEGORIES
+
+NUM_CLASSES = 3001  # 3000 Visual Genome classes + background
+SET_A = ",".join(name for _, name in COCO_CATEGORIES)  # the 80 COCO classes: mask supervision
+
+
+def get_config():
+    c = base_config()
+    m, d, t = c.model, c.data, c.train
+    m.depth = 50
+    m.mask_mode = "transfer"  # every class's mask weights come from tau
+    m.transfer_input = "cls+box"
+    m.transfer_layers = 2
+    m.transfer_activation = "leaky_relu"
+    m.stop_det_grad = True
+    m.mlp_fusion = True
+    d.source = "coco"
+    d.set_a = SET_A
+    t.batch_size = 16
+    t.steps = 90000
+    t.lr = 0.02
+    t.lr_steps = (60000, 80000)
+    t.weight_decay = 1e-4
+    return c

@@ -1,0 +1,615 @@
+"""Run a detector on image files: one PNG per image (masks, boxes, class names, scores) and one
+COCO-format results JSON.
+
+    # a converted torchvision checkpoint (python -m convert.from_torch ...): its config is in the checkpoint
+    python -m maskx_jax.predict --checkpoint ckpt/maskrcnn --images photos/ --output out/
+    # a training work directory (latest checkpoint; or WORKDIR/checkpoints/<step> for another one)
+    python -m maskx_jax.predict --checkpoint runs/demo/maskx --images a.jpg b.png --output out/
+    python -m maskx_jax.predict --config configs/demo_synthetic.py --checkpoint runs/demo/maskx/checkpoints/250 \
+        --images photos/ --output out/ --score-thresh 0.3
+
+Checkpoints. A directory holding ``maskx_meta.json`` is a converted detector checkpoint
+(:mod:`maskx_jax.checkpoint`): the architecture is the ``DetectorConfig`` stored in it and
+``--config`` is optional (it then only supplies sizes, the score threshold and class names). A
+directory holding ``config.json`` and ``checkpoints/`` is a training work directory
+(:mod:`maskx_jax.train_lib`): the model is restored with train_lib's own restore path
+(``Trainer`` + ``restore_state``) from the latest checkpoint (``--step`` or a
+``WORKDIR/checkpoints/<step>`` path picks another); the config is ``--config`` when given (checked
+against the work directory's: an architecture difference is refused), else the saved
+``config.json``.
+
+Class names: ``--class-names FILE`` (one name per line, K foreground names or K+1 with the
+background first) wins; else a work directory's dataset (``DatasetInfo``, which also tells the
+set-B classes of a Mask^X model: drawn dashed with a ``*``); else torchvision's COCO names for a
+91-class converted checkpoint; else ``class N``.
+
+Static shapes: every image is resized with torchvision's rule (``--min-size``, ``--max-size``) and,
+if it does not fit, shrunk further to fit one padded canvas (``--pad HxW``, default the config's
+``data.pad_height x data.pad_width``, or ``min_size x max_size`` rounded up to 32), exactly as the
+training pipeline does, so the whole run compiles ``predict`` once. Images of any mode (grayscale,
+RGBA, palette, 16-bit) and odd sizes are read with :mod:`maskx_jax.data.image_io`; unreadable
+files are skipped and counted.
+
+Outputs in ``--output``: ``<image stem>.png`` per image (detections with score >= ``--score-thresh``),
+``results.json`` (every detection above the model's ``box_score_thresh``, COCO results format:
+``image_id``, ``category_id``, ``bbox`` XYWH, ``score``, RLE ``segmentation``) and ``images.json``
+(COCO ``images`` and ``categories`` lists naming what the ids mean). Image ids are the file
+stems when every stem is a distinct integer (COCO's ``000000397133.jpg``: the results can be
+scored against the official annotations directly), else 1..N in input order.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib.util
+import json
+import logging as logging_std
+import math
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
+RESULTS_FILE = "results.json"
+IMAGES_FILE = "images.json"
+DEFAULT_MIN_SIZE = 800
+DEFAULT_MAX_SIZE = 1333
+DEFAULT_SCORE_THRESH = 0.5
+PASTE_PIXELS = 200_000_000  # mask pasting: detections per call x image pixels (float32 canvas) at most this
+
+log = logging_std.getLogger("maskx_jax.predict")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def list_images(paths: Sequence[str]) -> list[str]:
+    """Files named on the command line (kept as given) and the image files of named directories
+    (by extension, sorted, not recursive)."""
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            out.extend(os.path.join(p, n) for n in sorted(os.listdir(p))
+                       if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(p, n)))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"--images: {p} is neither a file nor a directory")
+    return out
+
+
+def image_ids_for(paths: Sequence[str]) -> list[int]:
+    """The file stems as ids when all are distinct integers (COCO file names), else 1..N."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if stems and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
+
+
+def output_names(paths: Sequence[str]) -> list[str]:
+    """``<stem>.png`` per input; repeated stems (a/x.jpg, b/x.jpg) get ``_1``, ``_2`` ... suffixes."""
+    used: set[str] = set()
+    names = []
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        name, k = stem, 0
+        while name.lower() in used:
+            k += 1
+            name = f"{stem}_{k}"
+        used.add(name.lower())
+        names.append(name + ".png")
+    return names
+
+
+def parse_pad(text: str) -> tuple[int, int]:
+    """``"800x1344"`` / ``"800,1344"`` / ``"1024"`` (square) -> (800, 1344); multiples of 32."""
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pad must look like HxW (e.g. 800x1344), got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise argparse.ArgumentTypeError(f"--pad {h}x{w}: both sides must be positive multiples of 32")
+    return h, w
+
+
+def derived_pad(min_size: int, max_size: int) -> tuple[int, int]:
+    """A landscape canvas holding every landscape image resized by (min_size, max_size);
+    portrait images are shrunk further to fit it (pass a square --pad to avoid that)."""
+    up = lambda x: int(math.ceil(x / 32.0) * 32)  # noqa: E731
+    return up(min(min_size, max_size)), up(max_size)
+
+
+def prepare_images(images: Sequence[np.ndarray], min_size: int, max_size: int, pad: tuple[int, int],
+                   batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 HWC images -> (images [B, Hp, Wp, 3] float32, image_sizes [B, 2], original_sizes [B, 2]).
+
+    The training pipeline's resize (:func:`maskx_jax.data.prepare.fit_size`: torchvision's rule,
+    then shrunk to fit ``pad``) and normalisation. Rows past ``len(images)`` (up to ``batch_size``)
+    are zero padding images with sizes equal to the canvas.
+    """
+    from maskx_jax import transform
+    from maskx_jax.data.prepare import PrepareOptions, fit_size
+
+    b = batch_size or len(images)
+    opts = PrepareOptions(min_size=int(min_size), max_size=int(max_size), pad_height=pad[0], pad_width=pad[1],
+                          max_instances=0, mask_crop_size=1, has_mask_by_class=np.zeros((1,), bool))
+    out = np.zeros((b, pad[0], pad[1], 3), np.float32)
+    sizes = np.tile(np.asarray(pad, np.int32), (b, 1))
+    originals = sizes.copy()
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        oh, ow = fit_size(h, w, opts)
+        out[i, :oh, :ow] = transform.bilinear_resize(transform.normalize(transform._to_rgb_float(image)), oh, ow)
+        sizes[i] = (oh, ow)
+        originals[i] = (h, w)
+    return out, sizes, originals
+
+
+def read_class_names(path: str, num_classes: int) -> tuple[str, ...]:
+    """K+1 names (index 0 background) from a file of K or K+1 lines (blank lines ignored)."""
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    k = num_classes - 1
+    if len(names) == k:
+        return ("__background__",) + tuple(names)
+    if len(names) == num_classes:
+        return tuple(names)
+    raise ValueError(f"--class-names {path}: {len(names)} names, but the model has {k} classes "
+                     f"(give {k} names, or {num_classes} with the background first)")
+
+
+def torchvision_coco_names() -> tuple[str, ...]:
+    """The 91 labels of torchvision's COCO detectors (label = COCO category id; unused ids 'N/A')."""
+    from maskx_jax.data.classes import COCO_CATEGORIES
+
+    names = ["N/A"] * 91
+    names[0] = "__background__"
+    for cat_id, name in COCO_CATEGORIES:
+        names[cat_id] = name
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A loaded model and everything needed to run and draw it.
+
+    predict_fn: ``(images [B, Hp, Wp, 3], image_sizes [B, 2]) -> Detections`` (host or device arrays).
+    class_names: K+1 names indexed by label (index 0 background).
+    contiguous_to_cat_id: label -> category id written to the results JSON.
+    set_b_ids: labels whose masks come from weight transfer (drawn dashed, with ``*``).
+    min_size, max_size, pad: resize rule and the static canvas (H, W).
+    score_thresh: default drawing threshold.
+    kind: 'converted' or 'workdir'; description: one line naming what was loaded.
+    """
+
+    predict_fn: Callable[[Any, Any], Any]
+    num_classes: int
+    class_names: tuple[str, ...]
+    contiguous_to_cat_id: dict[int, int]
+    set_b_ids: tuple[int, ...]
+    min_size: int
+    max_size: int
+    pad: tuple[int, int]
+    score_thresh: float
+    kind: str
+    description: str
+    batch_size: int = 1
+
+
+def load_config_file(path: str):
+    """``get_config()`` of a config file (``configs/*.py``). Not :func:`config.validate`d: prediction needs
+    no training data paths (a work directory's architecture is checked against its config.json)."""
+    spec = importlib.util.spec_from_file_location("_maskx_predict_config", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"--config {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _as_config_value(value: Any, current: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_as_config_value(v, None) for v in value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def config_from_saved(saved: Mapping) -> Any:
+    """The config of a work directory's ``config.json``: :func:`base_config` with every saved value.
+
+    Keys this version does not know are ignored (with a warning)."""
+    from maskx_jax import config as config_lib
+    from maskx_jax.train_lib import _flat_config
+
+    config = config_lib.base_config()
+    unknown = []
+    for key, value in _flat_config(saved).items():
+        *parents, leaf = key.split(".")
+        node = config
+        try:
+            for p in parents:
+                node = node[p]
+            current = node[leaf]
+        except (KeyError, AttributeError):
+            unknown.append(key)
+            continue
+        node[leaf] = _as_config_value(value, current)
+    if unknown:
+        log.warning("config.json keys unknown to this version, ignored: %s", unknown)
+    return config
+
+
+def find_workdir(path: str) -> tuple[str, int | None] | None:
+    """(workdir, step or None) when ``path`` is a work directory or ``WORKDIR/checkpoints/<step>``."""
+    from maskx_jax.train_lib import CHECKPOINT_DIR, CONFIG_FILE
+
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return path, None
+    parent = os.path.dirname(path)
+    if (os.path.basename(path).isdigit() and os.path.basename(parent) == CHECKPOINT_DIR
+            and os.path.isfile(os.path.join(os.path.dirname(parent), CONFIG_FILE))):
+        return os.path.dirname(parent), int(os.path.basename(path))
+    return None
+
+
+def load_converted_detector(directory: str):
+    """:func:`maskx_jax.checkpoint.load_detector`, without first initialising random weights.
+
+    The module is built abstractly (``nnx.eval_shape``) and its state filled from the checkpoint:
+    about a second instead of ~25 s of eager random initialisation for an R-50 on a CPU. Every
+    variable must be in the checkpoint with its shape, and nothing else may be.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from maskx_jax import checkpoint as ckpt_lib
+    from maskx_jax.detector import MaskRCNN
+    from maskx_jax.train_lib import _nnx_path, _path_name
+
+    meta = ckpt_lib.read_meta(directory)
+    if meta.get("kind") != "detector":
+        raise ValueError(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a detector")
+    cfg = ckpt_lib.detector_config_from_json(meta["config"])
+    flat = ckpt_lib.load_flat(directory)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0))))
+    problems: list[str] = []
+    seen = set()
+
+    def fill(key_path, leaf):
+        path = _nnx_path(key_path)
+        seen.add(path)
+        if path not in flat:
+            problems.append(f"  missing: {_path_name(path)}")
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        value = np.asarray(flat[path])
+        if tuple(value.shape) != tuple(leaf.shape):
+            problems.append(f"  shape: {_path_name(path)}: got {value.shape}, expected {tuple(leaf.shape)}")
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray(value, leaf.dtype)
+
+    state = jax.tree_util.tree_map_with_path(fill, abstract)
+    problems += [f"  unexpected: {_path_name(p)}" for p in sorted(set(flat) - seen, key=str)]
+    if problems:
+        raise ValueError(f"{directory}: parameters do not fit the model:\n" + "\n".join(problems))
+    return nnx.merge(graphdef, state)
+
+
+def _num_classes_in_checkpoint(step_dir: str) -> int:
+    """K+1 from the saved box classifier's bias shape (no arrays are read)."""
+    import orbax.checkpoint as ocp
+
+    absl_logger = logging_std.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging_std.ERROR)  # orbax warns about a per-item metadata file it does not need
+    try:
+        meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "default"))
+    finally:
+        absl_logger.setLevel(level)
+    tree = getattr(meta, "item_metadata", meta)
+    node = tree["params"]["roi_heads"]["box_predictor"]["cls_score"]["bias"]
+    node = node.get("value", node) if isinstance(node, Mapping) else node
+    return int(node.shape[0])
+
+
+def _dataset_info(config):
+    """The dataset's ``DatasetInfo`` (class names, set B), or None with a warning when it cannot be read."""
+    from maskx_jax.train_lib import load_datasets
+
+    try:
+        return load_datasets(config)
+    except Exception as e:  # noqa: BLE001 - names are a nicety: fall back to 'class N'
+        log.warning("could not read the dataset for class names (%s: %s); using 'class N' "
+                    "(pass --class-names FILE)", type(e).__name__, e)
+        return None
+
+
+def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int | None = None,
+                   class_names_file: str | None = None, min_size: int | None = None,
+                   max_size: int | None = None, pad: tuple[int, int] | None = None,
+                   score_thresh: float | None = None, batch_size: int | None = None) -> Predictor:
+    """Load a converted checkpoint or a training work directory (see the module docstring)."""
+    import jax
+
+    from maskx_jax import checkpoint as ckpt_lib
+
+    config = load_config_file(config_path) if config_path else None
+    class_names = None
+    cat_ids = None
+    set_b: tuple[int, ...] = ()
+    workdir = find_workdir(checkpoint)
+    if os.path.isfile(os.path.join(checkpoint, ckpt_lib.META_FILE)):
+        from maskx_jax.detector import make_predict_fn
+
+        meta = ckpt_lib.read_meta(checkpoint)
+        if meta.get("kind") != "detector":
+            raise ValueError(f"{checkpoint} holds a {meta.get('kind')!r} checkpoint (a backbone), not a detector")
+        model = load_converted_detector(checkpoint)
+        num_classes = int(model.cfg.num_classes)
+        jitted = make_predict_fn(model)
+        predict_fn = lambda images, sizes: jitted(images, sizes)  # noqa: E731
+        kind = "converted"
+        description = (f"converted detector {checkpoint} (R-{model.cfg.depth}-FPN, {num_classes - 1} classes, "
+                       f"mask_mode={model.cfg.mask_mode}, source {meta.get('source') or '?'})")
+        if config is not None and class_names_file is None:
+            info = _dataset_info(config)
+            if info is not None and info.num_classes == num_classes:
+                class_names, cat_ids = info.class_names, dict(info.contiguous_to_cat_id)
+            elif info is not None:
+                log.warning("the config's dataset has %d classes, the checkpoint %d: not using its names",
+                            info.num_classes - 1, num_classes - 1)
+        if class_names is None and class_names_file is None and num_classes == 91:
+            class_names = torchvision_coco_names()  # torchvision's COCO label space: label = category id
+    elif workdir is not None:
+        from maskx_jax import train_lib
+
+        workdir, path_step = workdir
+        step = path_step if step is None else step
+        if config is None:
+            with open(os.path.join(workdir, train_lib.CONFIG_FILE)) as f:
+                config = config_from_saved(json.load(f))
+        else:
+            train_lib.check_resume_config(workdir, config)  # refuses another architecture, with a diff
+        manager = train_lib.make_checkpoint_manager(workdir, config)
+        try:
+            steps = manager.all_steps()
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, train_lib.CHECKPOINT_DIR)}")
+            if step is None:
+                step = manager.latest_step()
+            elif step not in steps:
+                raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (steps: {sorted(steps)})")
+            info = _dataset_info(config) if class_names_file is None else None
+            num_classes = _num_classes_in_checkpoint(os.path.join(workdir, train_lib.CHECKPOINT_DIR, str(step)))
+            if info is not None and info.num_classes == num_classes:
+                class_names, cat_ids, set_b = info.class_names, dict(info.contiguous_to_cat_id), tuple(info.set_b_ids)
+            elif info is not None:
+                log.warning("the dataset has %d classes, the checkpoint %d: not using its names",
+                            info.num_classes - 1, num_classes - 1)
+            trainer = train_lib.Trainer(config, num_classes)
+            state = train_lib.restore_state(manager, trainer, step)
+        finally:
+            manager.close()
+        predict_fn = trainer.make_predict_fn(state)
+        kind = "workdir"
+        description = (f"{workdir} step {step} (R-{config.model.depth}-FPN, {num_classes - 1} classes, "
+                       f"mask_mode={config.model.mask_mode})")
+    else:
+        raise FileNotFoundError(
+            f"{checkpoint} is neither a converted checkpoint (no {ckpt_lib.META_FILE}) nor a training work "
+            f"directory (no config.json + checkpoints/) nor WORKDIR/checkpoints/<step>")
+
+    if class_names_file is not None:
+        class_names = read_class_names(class_names_file, num_classes)
+    if class_names is None:
+        class_names = ("__background__",) + tuple(f"class {i}" for i in range(1, num_classes))
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {num_classes}-class model")
+    if cat_ids is None:
+        cat_ids = {i: i for i in range(1, num_classes)}
+
+    # Sizes: flags, else the config's data section, else torchvision's 800/1333.
+    d = config.data if config is not None else None
+    sizes_given = min_size is not None or max_size is not None
+    min_size = int(min_size or (d.min_size if d is not None else DEFAULT_MIN_SIZE))
+    max_size = int(max_size or (d.max_size if d is not None else DEFAULT_MAX_SIZE))
+    if pad is None:
+        pad = derived_pad(min_size, max_size) if (d is None or sizes_given) else (int(d.pad_height), int(d.pad_width))
+    if score_thresh is None:
+        score_thresh = float(config.eval.picture_score_thresh) if config is not None else DEFAULT_SCORE_THRESH
+    if batch_size is None:
+        batch_size = jax.device_count() if kind == "workdir" else 1
+    return Predictor(predict_fn=predict_fn, num_classes=num_classes, class_names=tuple(class_names),
+                     contiguous_to_cat_id=cat_ids, set_b_ids=set_b, min_size=min_size, max_size=max_size,
+                     pad=tuple(pad), score_thresh=float(score_thresh), kind=kind, description=description,
+                     batch_size=int(batch_size))
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _read(path: str, issues) -> np.ndarray | None:
+    from maskx_jax.data.image_io import decode_image
+
+    return decode_image(path, os.path.basename(path), issues)
+
+
+def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh: float | None = None,
+        progress: bool = True) -> dict:
+    """Predict on ``paths``; write pictures, ``results.json`` and ``images.json`` to ``output``.
+
+    Returns a summary {images, skipped, detections, drawn, pictures: [paths], results: path}.
+    """
+    import jax
+    from pycocotools import mask as mask_utils
+    from tqdm.auto import tqdm
+
+    from maskx_jax import visualize
+    from maskx_jax.data.issues import Issues
+    from maskx_jax.evaluate import detections_to_coco
+
+    thresh = predictor.score_thresh if score_thresh is None else float(score_thresh)
+    os.makedirs(output, exist_ok=True)
+    ids = image_ids_for(paths)
+    names = output_names(paths)
+    bsz = max(1, int(predictor.batch_size))
+    issues = Issues()
+    results: list[dict] = []
+    images_meta: list[dict] = []
+    pictures: list[str] = []
+    skipped: list[str] = []
+    drawn = 0
+
+    def load(chunk: range):
+        decoded = [(i, _read(paths[i], issues)) for i in chunk]
+        for i, img in decoded:
+            if img is None:
+                skipped.append(paths[i])
+        good = [(i, img) for i, img in decoded if img is not None]
+        if not good:
+            return None
+        arrays = prepare_images([img for _, img in good], predictor.min_size, predictor.max_size, predictor.pad,
+                                batch_size=bsz)
+        return good, arrays
+
+    def finish(pending) -> None:
+        nonlocal drawn
+        det, (good, (_, sizes, originals)) = pending
+        det = jax.device_get(det)
+        for row, (i, image) in enumerate(good):
+            one = jax.tree.map(lambda x: np.asarray(x)[row:row + 1], det)
+            keep = np.flatnonzero(np.asarray(one.valid[0]))
+            h, w = image.shape[:2]
+            # Masks are pasted at the original resolution: 16 at a time (the paste's smallest row
+            # bucket) for big photos, all at once for COCO-sized images; bounds the float32 canvas.
+            step = max(16, int(PASTE_PIXELS // max(h * w, 1)))
+            res = []
+            for start in range(0, keep.size, step):
+                valid = np.zeros_like(one.valid)
+                valid[0, keep[start:start + step]] = True
+                res += detections_to_coco(one.replace(valid=valid), np.array([ids[i]]), sizes[row:row + 1],
+                                          originals[row:row + 1], predictor.contiguous_to_cat_id, with_masks=True)
+            assert len(res) == keep.size, (len(res), keep.size)  # one result per valid detection, in order
+            results.extend(res)
+            images_meta.append({"id": int(ids[i]), "file_name": os.path.abspath(paths[i]), "height": int(h),
+                                "width": int(w), "picture": names[i]})
+            show = [j for j, r in enumerate(res) if r["score"] >= thresh]
+            boxes = np.array([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
+                              for r in (res[j] for j in show)], np.float32).reshape(-1, 4)
+            masks = None
+            if show:
+                rles = [dict(res[j]["segmentation"], counts=res[j]["segmentation"]["counts"].encode("ascii"))
+                        for j in show]
+                masks = np.transpose(mask_utils.decode(rles), (2, 0, 1)).astype(bool)
+            labels = np.asarray(one.labels[0])[keep][show] if show else np.zeros((0,), np.int64)
+            scores = np.array([res[j]["score"] for j in show], np.float32)
+            picture = visualize.draw_detections(image, boxes, labels, scores, masks, class_names=predictor.class_names,
+                                                set_b_ids=predictor.set_b_ids)
+            path = os.path.join(output, names[i])
+            visualize.save_png(path, picture)
+            pictures.append(path)
+            drawn += len(show)
+            bar.update(1)
+
+    chunks = [range(s, min(s + bsz, len(paths))) for s in range(0, len(paths), bsz)]
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    pending = None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskx-predict-load") as pool:
+        upcoming = pool.submit(load, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            loaded = upcoming.result()
+            # decode the next batch meanwhile (only one batch ahead is held in memory)
+            upcoming = pool.submit(load, chunks[k + 1]) if k + 1 < len(chunks) else None
+            if loaded is None:
+                bar.update(len(chunks[k]))
+                continue
+            good, (images, sizes, _) = loaded
+            det = predictor.predict_fn(images, sizes)  # dispatched; converted while the next one runs
+            bar.update(len(chunks[k]) - len(good))
+            if pending is not None:
+                finish(pending)
+            pending = (det, loaded)
+        if pending is not None:
+            finish(pending)
+    bar.close()
+
+    results_path = os.path.join(output, RESULTS_FILE)
+    with open(results_path, "w") as f:
+        json.dump(results, f)
+    categories = [{"id": int(predictor.contiguous_to_cat_id[i]), "name": predictor.class_names[i]}
+                  for i in range(1, predictor.num_classes) if i in predictor.contiguous_to_cat_id]
+    with open(os.path.join(output, IMAGES_FILE), "w") as f:
+        json.dump({"images": images_meta, "categories": categories}, f, indent=1)
+    return {"images": len(images_meta), "skipped": skipped, "detections": len(results), "drawn": drawn,
+            "pictures": pictures, "results": results_path}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m maskx_jax.predict",
+                                description="Draw and save Mask R-CNN / Mask^X R-CNN predictions on image files.")
+    p.add_argument("--checkpoint", required=True,
+                   help="converted checkpoint directory (convert.from_torch), a training work directory, "
+                        "or WORKDIR/checkpoints/<step>")
+    p.add_argument("--images", required=True, nargs="+", help="image files and/or directories of images")
+    p.add_argument("--output", required=True, help="directory for the PNGs, results.json and images.json")
+    p.add_argument("--config", default=None, help="experiment config file (configs/*.py); optional")
+    p.add_argument("--step", type=int, default=None, help="work directory: checkpoint step (default: latest)")
+    p.add_argument("--class-names", default=None, help="file with one class name per line (K, or K+1 with background)")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="draw detections scoring at least this (default: eval.picture_score_thresh, or 0.5); "
+                        "results.json keeps every detection")
+    p.add_argument("--min-size", type=int, default=None, help="resize: shorter side (default data.min_size or 800)")
+    p.add_argument("--max-size", type=int, default=None, help="resize: longer side at most (default data.max_size or 1333)")
+    p.add_argument("--pad", type=parse_pad, default=None,
+                   help="static canvas HxW, multiples of 32 (default data.pad_height x pad_width, or derived "
+                        "from --min-size/--max-size); images are shrunk to fit")
+    p.add_argument("--batch-size", type=int, default=None, help="images per predict call (default: device count)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging_std.basicConfig(level=logging_std.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging_std.INFO)
+    # Grayscale / RGBA / palette inputs are converted as a matter of course here; unreadable files are
+    # reported once at the end, so the data layer's per-file repair warnings are not needed.
+    logging_std.getLogger("maskx_jax.data").setLevel(logging_std.ERROR)
+    try:
+        paths = list_images(args.images)
+        if not paths:
+            raise FileNotFoundError(f"no image files in {args.images} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        predictor = load_predictor(args.checkpoint, config_path=args.config, step=args.step,
+                                   class_names_file=args.class_names, min_size=args.min_size,
+                                   max_size=args.max_size, pad=args.pad, score_thresh=args.score_thresh,
+                                   batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log.info("%s; %d image(s), canvas %dx%d (min_size %d, max_size %d), batch %d, drawing scores >= %.2f",
+             predictor.description, len(paths), predictor.pad[0], predictor.pad[1], predictor.min_size,
+             predictor.max_size, predictor.batch_size, predictor.score_thresh)
+    summary = run(predictor, paths, args.output, progress=not args.no_progress)
+    if summary["skipped"]:
+        log.warning("%d unreadable image(s) skipped: %s", len(summary["skipped"]), summary["skipped"][:5])
+    print(f"wrote {len(summary['pictures'])} picture(s) ({summary['drawn']} detections drawn) and "
+          f"{summary['detections']} detections to {summary['results']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

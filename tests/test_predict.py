@@ -1,0 +1,226 @@
+"""``python -m maskx_jax.predict``: pictures + COCO results for a converted torchvision checkpoint and
+for a training work directory; inputs of every mode and odd sizes; one compile per run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskx_jax import predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+NUM_CLASSES = 5  # torchvision's count, background included
+
+# pycocotools' RLE decode trips a NumPy 2 DeprecationWarning on every call
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "maskx_jax.predict", "--no-progress", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _image_dir(path, size=64):
+    """RGB, grayscale, RGBA and an odd-sized JPEG, plus one unreadable file."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    rgb = np.zeros((size, size, 3), np.uint8) + np.array([40, 90, 160], np.uint8)
+    disk = (yy - size * 0.45) ** 2 + (xx - size * 0.4) ** 2 < (size * 0.25) ** 2
+    rgb[disk] = (230, 200, 40)
+    rgb = np.clip(rgb + rng.integers(0, 20, rgb.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(os.path.join(path, "a_rgb.png"))
+    Image.fromarray(rgb).convert("L").save(os.path.join(path, "b_gray.png"))
+    rgba = np.concatenate([rgb, np.full((size, size, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(os.path.join(path, "c_rgba.png"))
+    Image.fromarray(np.ascontiguousarray(rgb[:37, :59])).save(os.path.join(path, "d_odd.jpg"))
+    with open(os.path.join(path, "e_broken.jpg"), "wb") as f:
+        f.write(b"not an image")
+    with open(os.path.join(path, "notes.txt"), "w") as f:  # not an image extension: not listed
+        f.write("ignored")
+    return {"a_rgb": (size, size), "b_gray": (size, size), "c_rgba": (size, size), "d_odd": (37, 59)}
+
+
+def _check_outputs(out, expected_sizes, num_fg_classes, names=None):
+    """PNGs exist and are at least the original size; results.json / images.json are valid COCO."""
+    images = json.load(open(os.path.join(out, predict.IMAGES_FILE)))
+    by_id = {im["id"]: im for im in images["images"]}
+    assert sorted(os.path.splitext(im["picture"])[0] for im in images["images"]) == sorted(expected_sizes)
+    for stem, (h, w) in expected_sizes.items():
+        pic = np.asarray(Image.open(os.path.join(out, stem + ".png")))
+        assert pic.dtype == np.uint8 and pic.ndim == 3 and pic.shape[2] == 3
+        assert pic.shape[0] >= h and pic.shape[1] >= w
+        # drawn on: small images are upscaled so the short side is >= 384 px, with the aspect ratio
+        assert abs(pic.shape[0] / pic.shape[1] - h / w) < 0.05
+    assert len(images["categories"]) == num_fg_classes
+    if names is not None:
+        assert [c["name"] for c in images["categories"]] == list(names)
+    results = json.load(open(os.path.join(out, predict.RESULTS_FILE)))
+    assert isinstance(results, list) and results, "no detections at all"
+    cat_ids = {c["id"] for c in images["categories"]}
+    for r in results:
+        assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+        im = by_id[r["image_id"]]
+        assert r["category_id"] in cat_ids
+        x, y, bw, bh = r["bbox"]
+        assert -1e-3 <= x and -1e-3 <= y and bw >= 0 and bh >= 0
+        assert x + bw <= im["width"] + 1e-3 and y + bh <= im["height"] + 1e-3
+        assert r["segmentation"]["size"] == [im["height"], im["width"]]
+        m = mask_utils.decode(dict(r["segmentation"], counts=r["segmentation"]["counts"].encode()))
+        assert m.shape == (im["height"], im["width"])
+    return results, images
+
+
+# --------------------------------------------------------------------------- unit
+
+
+def test_helpers():
+    assert predict.parse_pad("800x1344") == (800, 1344) and predict.parse_pad("256") == (256, 256)
+    with pytest.raises(Exception):
+        predict.parse_pad("100x200")  # not multiples of 32
+    assert predict.derived_pad(800, 1333) == (800, 1344)
+    assert predict.image_ids_for(["a/000000397133.jpg", "b/12.png"]) == [397133, 12]
+    assert predict.image_ids_for(["a/1.jpg", "b/x.png"]) == [1, 2]
+    assert predict.image_ids_for(["a/1.jpg", "b/01.png"]) == [1, 2]  # same integer twice
+    assert predict.output_names(["a/x.jpg", "b/x.png", "c/X.gif", "y.jpg"]) == ["x.png", "x_1.png", "X_2.png",
+                                                                                "y.png"]
+    # every image fits one canvas: torchvision's resize, then shrunk (aspect kept) when too big
+    images = [np.zeros((480, 640, 3), np.uint8), np.zeros((640, 480), np.uint8), np.zeros((5, 7, 4), np.uint8)]
+    batch, sizes, originals = predict.prepare_images(images, 256, 512, (256, 512), batch_size=4)
+    assert batch.shape == (4, 256, 512, 3) and batch.dtype == np.float32
+    assert sizes.tolist() == [[256, 341], [256, 192], [256, 358], [256, 512]]
+    assert originals.tolist() == [[480, 640], [640, 480], [5, 7], [256, 512]]
+    assert not batch[3].any() and not batch[0, :, 341:].any()
+
+
+def test_class_names_file(tmp_path):
+    (tmp_path / "k.txt").write_text("cat\ndog\n\n")
+    assert predict.read_class_names(str(tmp_path / "k.txt"), 3) == ("__background__", "cat", "dog")
+    (tmp_path / "k1.txt").write_text("bg\ncat\ndog\n")
+    assert predict.read_class_names(str(tmp_path / "k1.txt"), 3) == ("bg", "cat", "dog")
+    with pytest.raises(ValueError, match="2 names"):
+        predict.read_class_names(str(tmp_path / "k.txt"), 5)
+    names = predict.torchvision_coco_names()
+    assert len(names) == 91 and names[1] == "person" and names[12] == "N/A" and names[90] == "toothbrush"
+
+
+# --------------------------------------------------------------------------- converted torchvision checkpoint
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A random torchvision Mask R-CNN R-18-FPN (4 classes) converted with convert.from_torch."""
+    import torch
+    import torchvision
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from convert import from_torch
+    from tests.torch_utils import randomize_batchnorm_
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.MaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None),
+                                                  num_classes=NUM_CLASSES)
+    randomize_batchnorm_(model)
+    d = tmp_path_factory.mktemp("converted")
+    torch.save(model.state_dict(), d / "maskrcnn_r18.pth")
+    out = d / "ckpt"
+    assert from_torch.main(["--arch", "maskrcnn_resnet18_fpn", "--checkpoint", str(d / "maskrcnn_r18.pth"),
+                            "--output", str(out)]) == 0
+    return str(out)
+
+
+def test_converted_checkpoint_cli(converted, tmp_path):
+    expected = _image_dir(tmp_path / "images")
+    (tmp_path / "names.txt").write_text("cat\ndog\nbird\nfish\n")
+    out = tmp_path / "out"
+    proc = _cli("--checkpoint", converted, "--images", str(tmp_path / "images"), "--output", str(out),
+                "--min-size", "256", "--max-size", "256", "--score-thresh", "0.2", "--class-names",
+                str(tmp_path / "names.txt"))
+    assert "1 unreadable image(s) skipped" in proc.stderr
+    results, images = _check_outputs(str(out), expected, NUM_CLASSES - 1, names=["cat", "dog", "bird", "fish"])
+    assert {r["image_id"] for r in results} <= {im["id"] for im in images["images"]}
+    assert "wrote 4 picture(s)" in proc.stdout
+    # the abstract-then-filled loader holds exactly the checkpoint's arrays
+    from maskx_jax.checkpoint import load_flat
+    from maskx_jax.state_utils import flat_arrays
+
+    fast, ref = flat_arrays(predict.load_converted_detector(converted)), load_flat(converted)
+    assert fast.keys() == ref.keys()
+    for k in ref:
+        assert fast[k].dtype == ref[k].dtype and np.array_equal(fast[k], ref[k]), k
+
+
+def test_converted_checkpoint_without_names_and_errors(converted, tmp_path, capsys):
+    assert predict.main(["--checkpoint", str(tmp_path / "nope"), "--images", str(tmp_path),
+                         "--output", str(tmp_path / "o")]) == 1
+    assert "no image files" in capsys.readouterr().err
+    _image_dir(tmp_path / "im")
+    assert predict.main(["--checkpoint", str(tmp_path / "nope"), "--images", str(tmp_path / "im"),
+                         "--output", str(tmp_path / "o")]) == 1
+    assert "neither a converted checkpoint" in capsys.readouterr().err
+    p = predict.load_predictor(converted)  # no config: torchvision's sizes, 'class N' names
+    assert (p.min_size, p.max_size, p.pad) == (800, 1333, (800, 1344)) and p.score_thresh == 0.5
+    assert p.class_names == ("__background__", "class 1", "class 2", "class 3", "class 4")
+    assert p.contiguous_to_cat_id == {1: 1, 2: 2, 3: 3, 4: 4}
+
+
+# --------------------------------------------------------------------------- training work directory
+
+
+def _make_workdir(tmp_path):
+    """A work directory as train() leaves it (config.json + an orbax checkpoint), without compiling a
+    train step: the tiny real detector's initial state saved at step 0."""
+    sys.path.insert(0, TESTS)
+    import train_fixtures as F
+    from maskx_jax import train_lib
+
+    data = str(tmp_path / "data")
+    cfg = F.tiny_config(data)
+    info = train_lib.load_datasets(cfg)
+    wd = str(tmp_path / "wd")
+    train_lib.write_config(wd, cfg)
+    trainer = train_lib.Trainer(cfg, info.num_classes)
+    manager = train_lib.make_checkpoint_manager(wd, cfg)
+    train_lib._save(manager, trainer.init_state(), 0)
+    manager.wait_until_finished()
+    manager.close()
+    config_file = tmp_path / "tiny_config.py"
+    config_file.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nimport train_fixtures as F\n\n\n"
+                           f"def get_config():\n    return F.tiny_config({data!r})\n")
+    return wd, str(config_file), info
+
+
+def test_workdir_cli(tmp_path):
+    wd, config_file, info = _make_workdir(tmp_path)
+    expected = _image_dir(tmp_path / "images")
+    # the saved config.json; class names and set B from the dataset
+    out = tmp_path / "out"
+    _cli("--checkpoint", wd, "--images", str(tmp_path / "images"), "--output", str(out), "--score-thresh", "0")
+    _check_outputs(str(out), expected, info.num_classes - 1, names=info.class_names[1:])
+
+    # --config + a WORKDIR/checkpoints/<step> path: the config file's sizes, names and set B
+    p = predict.load_predictor(os.path.join(wd, "checkpoints", "0"), config_path=config_file)
+    assert p.kind == "workdir" and p.pad == (64, 64) and (p.min_size, p.max_size) == (64, 64)
+    assert p.class_names == info.class_names and p.set_b_ids == info.set_b_ids and p.set_b_ids
+    assert predict.load_predictor(wd, config_path=config_file, min_size=96, max_size=128).pad == (96, 128)
+
+    # another architecture in --config is refused with the differing keys named
+    bad = tmp_path / "bad_config.py"
+    bad.write_text(open(config_file).read() + "\n\n_g = get_config\n\n\ndef get_config():\n    c = _g()\n"
+                   "    c.model.fpn_channels = 16\n    return c\n")
+    out3 = tmp_path / "out3"
+    files = [str(tmp_path / "images" / "a_rgb.png")]
+    code = predict.main(["--config", str(bad), "--checkpoint", wd, "--images", *files, "--output", str(out3)])
+    assert code == 1 and not (out3 / predict.RESULTS_FILE).exists()
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
+        predict.load_predictor(wd, step=7)
