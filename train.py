@@ -10,7 +10,9 @@ environment; set MASKX_DISTRIBUTED=1 / 0 to force it on / off (see train_lib.may
 """
 from __future__ import annotations
 
+import difflib
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,23 +28,63 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def _fail(message: str) -> NoReturn:
+    """A configuration error: one message on stderr, no traceback, exit status 2; nothing was written or compiled."""
+    sys.stderr.write(f"train.py: error: {message}\n")
+    sys.exit(2)
+
+
+def _unknown_keys(argv: list[str]) -> list[str]:
+    """'unknown config key ...' for every --config.KEY override that names no key of the schema."""
+    known = set(train_lib._flat_config(train_lib.config_to_json_dict(config_lib.base_config())))
+    out = []
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        if key in known or any(k.startswith(key + ".") for k in known):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        out.append(f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                   + "; every key is listed in maskx_jax/config.py")
+    return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; a bad ``--config.*`` override (unknown key, value of the wrong type) is one message."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:  # e.g. "flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'"
+        _fail(str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections: a key the config lacks, ...
+        _fail("\n".join(_unknown_keys(argv)) or f"bad --config override: {e}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = FLAGS.config
-    config_lib.validate(cfg)  # before anything touches a device or compiles
+    try:
+        config_lib.validate(cfg)  # before anything touches a device or compiles
+    except ValueError as e:
+        _fail(str(e))
     train_lib.maybe_initialize_distributed()
-    train_lib.check_scaling(cfg, train_lib.create_mesh())
+    try:
+        train_lib.check_scaling(cfg, train_lib.create_mesh())
+        # Class names, set A, annotation files and folders: checked before the work directory is touched.
+        info = train_lib.load_datasets(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     train_lib.quiet_library_logs()
     try:
         if FLAGS.mode == "train":
-            train_lib.train(cfg, FLAGS.workdir, progress=FLAGS.progress)
+            train_lib.train(cfg, FLAGS.workdir, progress=FLAGS.progress, info=info)
         else:
-            train_lib.evaluate(cfg, FLAGS.workdir, progress=FLAGS.progress)
+            train_lib.evaluate(cfg, FLAGS.workdir, progress=FLAGS.progress, info=info)
     except (train_lib.NonFiniteLossError, train_lib.ConfigMismatchError) as e:
         logging.error("%s", e)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

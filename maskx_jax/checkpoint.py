@@ -57,16 +57,36 @@ def config_to_json(cfg: Any) -> dict:
 
 
 def detector_config_from_json(d: Mapping) -> DetectorConfig:
-    """Rebuild a DetectorConfig; JSON lists become the tuples the dataclass declares."""
-    known = {f.name for f in dataclasses.fields(DetectorConfig)}
-    unknown = sorted(set(d) - known)
+    """Rebuild a DetectorConfig; JSON lists become the tuples the dataclass declares.
+
+    Raises:
+      ValueError: unknown keys, or values whose type differs from the field's (each listed).
+    """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"checkpoint config must be a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(DetectorConfig)}
+    unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"checkpoint config has keys this version does not know: {unknown}")
 
     def tup(v):
         return tuple(tup(x) for x in v) if isinstance(v, list) else v
 
-    return DetectorConfig(**{k: tup(v) for k, v in d.items()})
+    values = {k: tup(v) for k, v in d.items()}
+    wrong = []
+    for k, v in values.items():
+        default = fields[k].default
+        if default is dataclasses.MISSING:
+            continue
+        ok = (isinstance(v, bool) if isinstance(default, bool)
+              else isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(default, float)
+              else isinstance(v, int) and not isinstance(v, bool) if isinstance(default, int)
+              else isinstance(v, type(default)))
+        if not ok:
+            wrong.append(f"{k}={v!r} (expected {type(default).__name__})")
+    if wrong:
+        raise ValueError(f"checkpoint config has values of the wrong type: {', '.join(wrong)}")
+    return DetectorConfig(**values)
 
 
 def save_flat(directory: str, flat: Mapping[Path, np.ndarray], meta: Mapping[str, Any], *,
@@ -97,7 +117,12 @@ def read_meta(directory: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not a maskx_jax checkpoint (no {META_FILE})")
     with open(path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
     return meta
@@ -113,14 +138,43 @@ def save_detector(directory: str, model: MaskRCNN, *, source: str = "", overwrit
               {"kind": "detector", "config": config_to_json(model.cfg), "source": source}, overwrite=overwrite)
 
 
+def fit_problems(expected: Mapping[Path, tuple], flat: Mapping[Path, np.ndarray], max_lines: int = 20) -> list[str]:
+    """Lines naming every missing / unexpected variable and shape difference (at most ``max_lines`` each)."""
+    name = lambda p: ".".join(map(str, p))  # noqa: E731
+
+    def listed(kind: str, items: list[str]) -> list[str]:
+        more = [f"  ... and {len(items) - max_lines} more {kind}"] if len(items) > max_lines else []
+        return [f"  {kind}: {i}" for i in items[:max_lines]] + more
+
+    missing = sorted(name(p) for p in expected if p not in flat)
+    unexpected = sorted(name(p) for p in flat if p not in expected)
+    shapes = sorted(f"{name(p)}: checkpoint {tuple(np.shape(a))}, model {tuple(expected[p])}"
+                    for p, a in flat.items() if p in expected and tuple(np.shape(a)) != tuple(expected[p]))
+    return listed("missing", missing) + listed("unexpected", unexpected) + listed("shape", shapes)
+
+
 def load_detector(directory: str) -> MaskRCNN:
-    """Build the detector described by the checkpoint and fill it with the saved weights."""
+    """Build the detector described by the checkpoint and fill it with the saved weights.
+
+    The saved arrays are checked against the architecture ``maskx_meta.json`` describes (built
+    abstractly, nothing initialised) before anything is built: a checkpoint whose parameters come
+    from another architecture is refused with the missing / unexpected / mis-shaped names.
+    """
     meta = read_meta(directory)
     if meta.get("kind") != "detector":
         raise ValueError(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a detector")
-    cfg = detector_config_from_json(meta["config"])
+    cfg = detector_config_from_json(meta.get("config", {}))
+    flat = load_flat(directory)
+    abstract = nnx.eval_shape(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0)))
+    expected = {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    problems = fit_problems(expected, flat)
+    if problems:
+        raise ValueError(
+            f"{directory}: the saved parameters do not fit the architecture its {META_FILE} describes "
+            f"(depth={cfg.depth}, num_classes={cfg.num_classes}, mask_mode={cfg.mask_mode}, "
+            f"fpn_channels={cfg.fpn_channels}); refusing to load it:\n" + "\n".join(problems))
     model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
-    assign_flat(model, load_flat(directory))
+    assign_flat(model, flat)
     return model
 
 

@@ -51,8 +51,10 @@ def _to_rgb_float(image: np.ndarray) -> np.ndarray:
     Args:
       image: [H, W] or [H, W, 1] (grayscale, replicated to 3 channels), [H, W, 3] (RGB) or
         [H, W, 4] (RGBA; the alpha channel is dropped, not composited). uint8 images in
-        0..255 are divided by 255 in float32 (as torchvision's ``to_tensor``); float images
-        must already be in [0, 1] and are cast to float32.
+        0..255 are divided by 255 in float32 (as torchvision's ``to_tensor``); uint16 images
+        (16-bit PNGs) are first scaled to 8 bits as the data pipeline does
+        (``round(v / 257)``, see ``data.image_io``); float images must already be in [0, 1]
+        and are cast to float32.
 
     Returns:
       float32 [H, W, 3].
@@ -62,6 +64,10 @@ def _to_rgb_float(image: np.ndarray) -> np.ndarray:
         image = image[:, :, None]
     if image.ndim != 3:
         raise ValueError(f"expected an image of shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"empty image of shape {image.shape}")
+    if image.dtype == np.uint16:
+        image = np.clip(np.round(image.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
     channels = image.shape[2]
     if channels == 1:
         image = np.repeat(image, 3, axis=2)
@@ -167,8 +173,10 @@ def resize_image(
     """
     height, width = image.shape[:2]
     scale = _resize_scale(height, width, float(min_size), float(max_size))
-    out_h = int(math.floor(float(height) * scale))
-    out_w = int(math.floor(float(width) * scale))
+    # At least one pixel: a very elongated image (e.g. 4 x 600) would otherwise lose its short side
+    # (torchvision raises there); the training pipeline (data.prepare.fit_size) clamps the same way.
+    out_h = max(int(math.floor(float(height) * scale)), 1)
+    out_w = max(int(math.floor(float(width) * scale)), 1)
     return bilinear_resize(image, out_h, out_w), scale
 
 
@@ -191,7 +199,8 @@ def preprocess(
     Args:
       images: a sequence of B images (or a [B, H, W, C] array), each [H, W] or [H, W, 1]
         (grayscale, replicated to RGB), [H, W, 3] (RGB) or [H, W, 4] (RGBA, alpha dropped);
-        uint8 in 0..255 (divided by 255) or float in [0, 1]. Sizes may differ.
+        uint8 in 0..255 (divided by 255), uint16 (scaled to 8 bits first) or float in [0, 1].
+        Sizes may differ; any size of at least 1 x 1 works.
       min_size, max_size: resize rule, see :func:`resize_image`.
       size_divisible: the padded height/width are the batch maxima rounded up to a multiple
         of this (torchvision default 32).

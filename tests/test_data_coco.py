@@ -245,3 +245,60 @@ def test_issues_counter_dedups_and_reports():
     assert issues.summary() == {"box_clipped": 2, "new_kind": 1}
     text = issues.report()
     assert "box_clipped" in text and "e.g. a: x" in text
+
+
+# ------------------------------------------------------------------------------ very large images
+def huge_png(height: int = 100_000, width: int = 100_000) -> bytes:
+    """A valid PNG whose header announces ``height x width`` (the pixel data is that of an 8x8 image):
+    what a decompression bomb looks like to a reader that trusts the header."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_very_large_images_are_counted_skips(tmp_path, monkeypatch):
+    """Images over PIL's decompression-bomb limit are refused from the annotation or the header, never
+    decoded (a 100000 x 100000 header would be 30 GB of RGB), and counted as image_too_large."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "bomb.png").write_bytes(huge_png())
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    _save(images / "big.png", rgb)  # 1200 pixels: over the lowered limit below, under twice it
+    _save(images / "ok.png", rgb[:20, :20])
+    imgs = [
+        {"id": 1, "file_name": "bomb.png", "height": 100_000, "width": 100_000},  # refused from the annotation
+        {"id": 2, "file_name": "bomb.png"},  # no size in the JSON: refused from the file header
+        {"id": 3, "file_name": "bomb.png", "height": 20, "width": 20},  # the JSON lies: refused when decoded
+        {"id": 4, "file_name": "big.png", "height": 10, "width": 10},  # PIL would only warn: refused too
+        {"id": 5, "file_name": "ok.png", "height": 20, "width": 20},
+    ]
+    anns = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0,
+             "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]], "area": 25.0} for i in range(1, 6)]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": imgs, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    src = CocoSource(str(path), str(images))
+    assert [r.image_id for r in src.records] == [3, 4, 5]
+    assert src.issues.summary() == {"image_too_large": 2}
+    assert src.load(0) is None and src.load(1) is None  # found when decoding: skipped, nothing decoded
+    assert src.load(2).image.shape == (20, 20, 3)
+    assert src.issues.summary() == {"image_too_large": 4}
+    report = src.issues.report()
+    for name in ("image 1 (bomb.png)", "image 2 (bomb.png)", "image 3 (bomb.png)", "image 4 (big.png)"):
+        assert name in report, (name, report)
+
+    # The default limit (~89.5 Mpx) applies without any configuration.
+    monkeypatch.undo()
+    assert Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS < 100_000 ** 2
+    src = CocoSource(str(path), str(images))
+    assert [r.image_id for r in src.records] == [3, 4, 5]
+    assert src.load(0) is None and src.load(1).image.shape == (10, 10, 3)  # decoded, resized to its annotation
+    assert src.issues.summary() == {"image_too_large": 3, "image_size_mismatch": 1}

@@ -24,7 +24,7 @@ import numpy as np
 
 from maskx_jax.data import masks as mask_lib
 from maskx_jax.data.classes import BACKGROUND
-from maskx_jax.data.image_io import decode_image, read_image_size, resize_nearest
+from maskx_jax.data.image_io import ImageTooLargeError, decode_image, read_image_size, resize_nearest, too_large
 from maskx_jax.data.issues import Issues
 from maskx_jax.data.records import Example, ImageRecord, Instance
 
@@ -149,13 +149,22 @@ class CocoSource:
                 continue
             h, w = img.get("height"), img.get("width")
             if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
-                size = read_image_size(path)
+                try:
+                    size = read_image_size(path)
+                except ImageTooLargeError as e:
+                    self._warn("image_too_large", name, f"file header: {e}")
+                    out[iid] = None
+                    continue
                 if size is None:
                     self._warn("image_unreadable", name, "no valid size in the JSON and unreadable header")
                     out[iid] = None
                     continue
                 self._warn("image_bad_size", name, f"height={h!r} width={w!r}; header says {size}")
                 h, w = size
+            if too_large(h, w):  # refused before decoding (and before an eval stand-in of that size)
+                self._warn("image_too_large", name, f"annotated {w}x{h}")
+                out[iid] = None
+                continue
             out[iid] = {"id": iid, "file_name": img["file_name"], "path": path, "height": int(h),
                         "width": int(w), "name": name, "raw": img}
         return out

@@ -9,6 +9,10 @@ applied: COCO annotations refer to the pixels as stored.
 A missing, truncated or corrupt file returns None after a counted warning; the caller
 decides what replaces it. PIL's global ``LOAD_TRUNCATED_IMAGES`` is left False, so a
 truncated JPEG is an error here rather than a silently grey-filled image.
+
+Very large images: anything with more pixels than PIL's decompression-bomb limit
+(``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5 megapixels unless changed; ``None`` disables it)
+is refused from its header, before any pixel is decoded (counted as ``image_too_large``).
 """
 from __future__ import annotations
 
@@ -29,13 +33,36 @@ def _open(source: str | bytes) -> Image.Image:
     return Image.open(source)
 
 
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``."""
+
+
+def too_large(height: int, width: int) -> bool:
+    """Whether a ``height x width`` image exceeds PIL's decompression-bomb limit (read at call time)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and int(height) * int(width) > limit
+
+
+def _too_large_message(height: int, width: int) -> str:
+    return f"{width}x{height} = {int(height) * int(width)} pixels > PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}"
+
+
 def read_image_size(source: str | bytes) -> tuple[int, int] | None:
-    """(height, width) from the file header without decoding the pixels; None if unreadable."""
+    """(height, width) from the file header without decoding the pixels; None if unreadable.
+
+    Raises:
+      ImageTooLargeError: the header announces more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels.
+    """
     try:
         with _open(source) as img:
-            return int(img.height), int(img.width)
+            size = int(img.height), int(img.width)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(str(e)) from None
     except Exception:  # noqa: BLE001 - any failure means "cannot tell"; callers count it
         return None
+    if too_large(*size):
+        raise ImageTooLargeError(_too_large_message(*size))
+    return size
 
 
 def _to_rgb_uint8(img: Image.Image, name: str, issues: Issues) -> np.ndarray:
@@ -76,15 +103,21 @@ def decode_image(source: str | bytes, name: str, issues: Issues) -> np.ndarray |
       issues: counter that receives conversions and failures.
 
     Returns:
-      uint8 [H, W, 3], or None (missing/unreadable file, counted).
+      uint8 [H, W, 3], or None (missing/unreadable/too large file, counted).
     """
     if isinstance(source, str) and not os.path.isfile(source):
         issues.warn("image_missing", name, source)
         return None
     try:
         with _open(source) as img:
+            if too_large(img.height, img.width):  # between 1x and 2x the limit PIL only warns
+                issues.warn("image_too_large", name, _too_large_message(img.height, img.width))
+                return None
             img.load()  # forces the full decode: truncation/corruption raises here
             array = _to_rgb_uint8(img, name, issues)
+    except Image.DecompressionBombError as e:  # over 2x the limit: PIL refuses to open it
+        issues.warn("image_too_large", name, str(e))
+        return None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         issues.warn("image_unreadable", name, f"{type(e).__name__}: {e}")
         return None

@@ -24,6 +24,8 @@ KINDS = {
     "image_missing": "image file not found: image skipped",
     "image_unreadable": "image file corrupt/truncated/not an image: skipped (train: the next "
                         "image is used in its place; eval: a black image is used)",
+    "image_too_large": "more pixels than PIL.Image.MAX_IMAGE_PIXELS (decompression-bomb guard): never "
+                       "decoded; skipped (when only found at decoding: replaced as image_unreadable)",
     "image_size_mismatch": "decoded size differs from the annotation's: image resized to it",
     "image_bad_size": "annotation width/height missing or invalid: read from the file header",
     "image_grayscale": "grayscale image: converted to RGB",
