@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m maskx_jax.demo --workdir runs/demo
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run --output benchmarks/results
+	$(PY) benchmarks/large_vocab.py
 
 clean:
 	rm -rf $(VENV) runs
