@@ -20,7 +20,7 @@ def flat_variables(module: nnx.Module) -> dict[Path, nnx.Variable]:
 
 
 def flat_shapes(module: nnx.Module) -> dict[Path, tuple[int, ...]]:
-    """{path: shape} for every variable; works on abstract modules from ``nnx.eval_shape`` too."""
+    """{path: shape} for every variable of a concrete module."""
     return {p: tuple(v[...].shape) for p, v in flat_variables(module).items()}
 
 
