@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import io
 import os
-import struct
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,15 +38,8 @@ def _model_fn(config, num_classes, seed):
 
 def _read_images(path: str) -> dict[str, list[tuple[int, np.ndarray]]]:
     """Image summaries {tag: [(step, uint8 HWC)]} from a TensorBoard event file (TFRecord framing)."""
-    from tensorboardX.proto import event_pb2
-
     out: dict = {}
-    data = open(path, "rb").read()
-    pos = 0
-    while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos:pos + 8])
-        ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-        pos += 12 + n + 4
+    for ev in F.iter_events(path):
         for v in ev.summary.value:
             if v.HasField("image"):
                 img = np.asarray(Image.open(io.BytesIO(v.image.encoded_image_string)))

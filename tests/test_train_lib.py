@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import signal
-import struct
 
 import jax
 import numpy as np
@@ -190,15 +189,8 @@ def test_init_checkpoint_report(tmp_path, trainer):
 
 def _read_events(path):
     """Scalars {tag: [(step, value)]} from a TensorBoard event file (TFRecord framing)."""
-    from tensorboardX.proto import event_pb2
-
     out: dict = {}
-    data = open(path, "rb").read()
-    pos = 0
-    while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos:pos + 8])
-        ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-        pos += 12 + n + 4
+    for ev in F.iter_events(path):
         for v in ev.summary.value:
             out.setdefault(v.tag, []).append((ev.step, v.simple_value))
     return out

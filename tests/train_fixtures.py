@@ -218,3 +218,17 @@ if __name__ == "__main__":
 
     sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
     _worker(sys.argv)
+
+
+def iter_events(path: str):
+    """Every ``Event`` proto in a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
