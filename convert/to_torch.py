@@ -3,7 +3,8 @@
     python -m convert.to_torch --checkpoint DIR --output model.pth      # or model.safetensors
 
 For an R-50 detector the result is checked by loading it into torchvision's
-``maskrcnn_resnet50_fpn(num_classes=K)`` with ``strict=True`` (skip with ``--no-verify``).
+``maskrcnn_resnet50_fpn(num_classes=K)`` (a ``box_detector``: ``fasterrcnn_resnet50_fpn``) with
+``strict=True`` (skip with ``--no-verify``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def export_state_dict(directory: str) -> tuple[dict[str, np.ndarray], dict]:
     """Read our checkpoint and return (torchvision state dict, meta)."""
     meta = read_meta(directory)
     flat = load_flat(directory)
-    if meta["kind"] == "detector":
+    if meta["kind"] in ("detector", "box_detector"):
         cfg = detector_config_from_json(meta["config"])
         fc6_chw = (cfg.fpn_channels, cfg.box_roi_size, cfg.box_roi_size)
         return flax_to_torch(flat, fc6_chw=fc6_chw), meta
@@ -34,14 +35,15 @@ def verify_in_torchvision(state: dict[str, np.ndarray], meta: dict) -> str:
     import torchvision
 
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-    if meta["kind"] == "detector":
+    if meta["kind"] in ("detector", "box_detector"):
         cfg = detector_config_from_json(meta["config"])
         if cfg.depth != 50:
             return "not verified (torchvision ships a builder for R-50-FPN only)"
-        model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        name = "maskrcnn_resnet50_fpn" if meta["kind"] == "detector" else "fasterrcnn_resnet50_fpn"
+        model = getattr(torchvision.models.detection, name)(
             weights=None, weights_backbone=None, num_classes=cfg.num_classes)
         model.load_state_dict(tensors, strict=True)
-        return "loads into torchvision maskrcnn_resnet50_fpn with strict=True"
+        return f"loads into torchvision {name} with strict=True"
     depth = meta["config"]["depth"]
     model = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     result = model.load_state_dict(tensors, strict=False)

@@ -2,8 +2,12 @@
 
 Layout of a checkpoint directory::
 
-    DIR/maskx_meta.json   {"format": 1, "kind": "detector" | "resnet", "config": {...}, "source": ...}
+    DIR/maskx_meta.json   {"format": 1, "kind": "detector" | "box_detector" | "resnet", "config": {...}, "source": ...}
     DIR/params/           orbax checkpoint of every variable (parameters and frozen buffers)
+
+Kinds: ``detector`` is a whole Mask R-CNN / Mask^X R-CNN; ``box_detector`` a converted Faster R-CNN,
+every detector variable except the mask branch (``roi_heads.mask_head``, ``mask_predictor``,
+``weight_transfer``), usable only as ``train.init_checkpoint``; ``resnet`` an ImageNet backbone.
 
 Writes are atomic: everything is written to a temporary sibling directory and renamed into place,
 so a crash never leaves a half-written checkpoint under DIR.
@@ -161,6 +165,9 @@ def load_detector(directory: str) -> MaskRCNN:
     from another architecture is refused with the missing / unexpected / mis-shaped names.
     """
     meta = read_meta(directory)
+    if meta.get("kind") == "box_detector":
+        raise ValueError(f"{directory} holds a box-only detector (a converted Faster R-CNN, no mask branch): it "
+                         "cannot predict masks; train its mask branch with train.init_checkpoint set to it first")
     if meta.get("kind") != "detector":
         raise ValueError(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a detector")
     cfg = detector_config_from_json(meta.get("config", {}))

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import ml_collections
 
+from maskx_jax import optim
+
 MASK_MODES = ("class_specific", "class_agnostic", "transfer")
 TRANSFER_INPUTS = ("cls", "box", "cls+box")
 ACTIVATIONS = ("leaky_relu", "relu")
 NORMS = ("frozen_bn", "group_norm")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 SOURCES = ("synthetic", "coco", "tfds")
-MASK_SUPERVISION = ("by_class",)
+MASK_SUPERVISION = ("by_class", "by_annotation")
+BOX_SOURCES = ("", "coco", "tfds", "synthetic")  # data.box_source ("" = none)
+UNMATCHED_POLICIES = ("error", "add")  # data.box_source_unmatched
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -60,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
     m.box_roi_size = 7  # RoIAlign output for the box head
     m.mask_roi_size = 14  # mask logits are 2x this (28x28)
+    m.dtype = "float32"  # compute dtype of convs/FCs: float32 | bfloat16 (params, boxes, NMS and losses stay float32)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # synthetic | coco | tfds
@@ -72,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.tfds_train_split = "train"  # tfds split used for training
     d.tfds_val_split = "validation"  # tfds split for evaluation when data.val_json is empty (box AP only)
     d.set_a = ""  # comma-separated class names with mask supervision, or a preset: voc | nonvoc | all
-    d.mask_supervision = "by_class"  # an instance supervises the mask loss iff its class is in set A
+    # by_class: an instance supervises the mask loss iff its class is in data.set_a (and it has a mask);
+    # by_annotation: iff its own annotation has a segmentation; set A = the classes with >= 1 such mask
+    d.mask_supervision = "by_class"  # by_class | by_annotation
     d.min_size = 800  # resize: shorter side (torchvision rule)
     d.max_size = 1333  # resize: longer side at most
     d.pad_height = 800  # static padded input size (multiple of 32); images are resized to fit
@@ -90,6 +98,14 @@ def base_config() -> ml_collections.ConfigDict:
     d.synthetic_num_val = 100  # synthetic validation images
     d.synthetic_image_size = 128  # synthetic image side in pixels
     d.synthetic_seed = 0  # synthetic generator seed
+    d.synthetic_mask_fraction = ""  # e.g. "ring:0,star:0.5": per class, the fraction of synthetic TRAINING instances that keep their mask (unlisted: 1); the others become box-only
+    # a second, box-only training source (Mask^X: boxes from one dataset, masks from data.source)
+    d.box_source = ""  # "" (none) | coco | tfds (data.tfds_* keys) | synthetic (built-in generator, data.synthetic_seed + 1)
+    d.box_source_json = ""  # box_source=coco: COCO annotation file (segmentations, if any, are ignored)
+    d.box_source_images = ""  # box_source=coco: its image folder
+    d.box_source_fraction = 0.5  # fraction of training images drawn from the box source (exact in every window of 1/fraction images)
+    d.box_source_class_map = ""  # JSON file {"name in the box source": "canonical name"} for names that differ
+    d.box_source_unmatched = "error"  # box-source class matching no data.source class: error (list them) | add (a new set-B class)
 
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 16  # global, over all devices and hosts
@@ -104,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.lr_gamma = 0.1  # step decay factor
     t.clip_grad_norm = 0.0  # > 0: clip gradients to this global norm (0 = off, as in the paper)
     t.seed = 0  # parameter init, RoI/anchor sampling, data order and flips
-    t.init_checkpoint = ""  # converted torchvision checkpoint (detector or resnet backbone)
+    t.init_checkpoint = ""  # converted torchvision checkpoint (detector, box-only detector or resnet backbone)
+    t.freeze = ""  # parts kept fixed: comma-separated backbone, rpn, box_head, mask_head, or detector (= the first three)
     t.checkpoint_every = 5000  # save an orbax checkpoint every this many steps (and at the end)
     t.keep_checkpoints = 3  # checkpoints kept in WORKDIR/checkpoints
     t.log_every = 20  # TensorBoard scalars every this many steps
@@ -139,12 +156,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(m.transfer_activation in ACTIVATIONS, f"model.transfer_activation must be one of {ACTIVATIONS}")
     check(m.transfer_hidden == m.mask_head_channels or m.mask_mode != "transfer",
           "model.transfer_hidden must equal model.mask_head_channels (tau outputs 1x1 conv weights on those features)")
+    check(m.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}")
     check(m.sampling_ratio >= 1, "model.sampling_ratio must be >= 1 (adaptive sampling has no static shape)")
     check(0 <= m.freeze_at <= 5, "model.freeze_at must be in [0, 5]")
     check(0 < m.roi_positive_fraction <= 1 and 0 < m.rpn_positive_fraction <= 1, "positive fractions must be in (0, 1]")
     check(d.source in SOURCES, f"data.source must be one of {SOURCES}, got {d.source!r}")
     check(d.pad_height % 32 == 0 and d.pad_width % 32 == 0, "data.pad_height / pad_width must be multiples of 32")
     check(d.mask_supervision in MASK_SUPERVISION, f"data.mask_supervision must be one of {MASK_SUPERVISION}")
+    check(d.mask_supervision != "by_annotation" or d.set_a.strip() == "",
+          "data.set_a must be empty with data.mask_supervision=by_annotation (set A is then the classes that have a "
+          "mask annotation in the training data)")
+    check(not d.synthetic_mask_fraction.strip() or d.source == "synthetic",
+          "data.synthetic_mask_fraction only applies to data.source=synthetic")
+    check(d.box_source in BOX_SOURCES, f"data.box_source must be one of {BOX_SOURCES}, got {d.box_source!r}")
+    if d.box_source:
+        check(d.source in ("synthetic", "coco"), "data.box_source needs data.source=synthetic or coco (the mask source)")
+        check(d.box_source != "coco" or bool(d.box_source_json and d.box_source_images),
+              "data.box_source=coco needs data.box_source_json and data.box_source_images")
+        check(0.0 < d.box_source_fraction < 1.0, f"data.box_source_fraction must be in (0, 1), got {d.box_source_fraction}")
+        check(d.box_source_unmatched in UNMATCHED_POLICIES,
+              f"data.box_source_unmatched must be one of {UNMATCHED_POLICIES}, got {d.box_source_unmatched!r}")
+    else:
+        check(not (d.box_source_json or d.box_source_images or d.box_source_class_map),
+              "data.box_source_json / box_source_images / box_source_class_map are set but data.box_source is empty")
     check(d.source != "coco" or bool(d.train_json and d.train_images), "data.source=coco needs data.train_json and data.train_images")
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
     # Tuple-valued keys: a command-line override can give them any shape, so check it here
@@ -163,6 +197,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.eval.tb_images_every >= 0 and c.eval.tb_num_images >= 1,
           "eval.tb_images_every must be >= 0 (0 = off) and eval.tb_num_images >= 1")
     check(t.optimizer in ("sgd", "adamw"), f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
-    check(m.mask_mode != "transfer" or d.set_a.strip() != "", "model.mask_mode=transfer needs a non-empty data.set_a")
+    try:
+        frozen = optim.parse_freeze(t.freeze)
+    except ValueError as e:
+        frozen = ()
+        errors.append(str(e))
+    check(set(frozen) != set(optim.FREEZE_GROUPS), "train.freeze freezes every part of the model: nothing would train")
+    check(not frozen or bool(t.init_checkpoint),
+          f"train.freeze={t.freeze!r} keeps {', '.join(frozen) or 'those parts'} at their initial values: "
+          "set train.init_checkpoint to the converted detector (or backbone) they should come from")
+    check(m.mask_mode != "transfer" or d.set_a.strip() != "" or d.mask_supervision == "by_annotation",
+          "model.mask_mode=transfer needs a non-empty data.set_a (or data.mask_supervision=by_annotation)")
     if errors:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))

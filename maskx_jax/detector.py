@@ -76,6 +76,14 @@ class DetectorConfig:
     transfer_activation: str = "leaky_relu"
     stop_det_grad: bool = True
     mlp_fusion: bool = False
+    # Compute dtype of the convolutions and FC layers (float32 | bfloat16). Parameters, box
+    # coding, NMS, RoIAlign sample positions and every loss stay float32; bfloat16 halves the
+    # activation memory of a training step on accelerators.
+    dtype: str = "float32"
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
 
     @property
     def pooler_scales(self) -> tuple[float, ...]:
@@ -139,7 +147,22 @@ class MaskRCNN(nnx.Module):
             idx = labels if weight.shape[0] > 1 else jnp.zeros_like(labels)
             logits = mask_logits_for_labels(features, weight, bias, idx)
         fused = rh.mask_predictor.fusion(features)
-        return logits if fused is None else logits + fused
+        logits = logits if fused is None else logits + fused
+        return logits.astype(jnp.float32)
+
+    def _features(self, images: Array) -> list[Array]:
+        """Backbone + FPN in the compute dtype: [N, H, W, 3] -> P2..P6."""
+        return self.backbone(images.astype(self.cfg.compute_dtype))
+
+    def _rpn(self, feats: list[Array], image_hw: tuple[int, int]):
+        """RPN head outputs in float32 (scores and deltas feed top-k, NMS and box decoding)."""
+        logits, deltas, anchors, counts = self.rpn(feats, image_hw)
+        return logits.astype(jnp.float32), deltas.astype(jnp.float32), anchors, counts
+
+    def _box_outputs(self, box_feats: Array) -> tuple[Array, Array]:
+        """Box head + predictor, outputs in float32."""
+        class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(box_feats))
+        return class_logits.astype(jnp.float32), box_deltas.astype(jnp.float32)
 
     def _mask_features(self, pooled: list[Array], boxes: Array) -> Array:
         """boxes [N, R, 4] -> conv5 mask features [N*R, 28, 28, C]."""
@@ -160,15 +183,15 @@ class MaskRCNN(nnx.Module):
           :class:`Detections` with D = ``detections_per_img`` rows per image in the input frame.
         """
         cfg = self.cfg
-        feats = self.backbone(images)
-        logits, deltas, anchors, counts = self.rpn(feats, images.shape[1:3])
+        feats = self._features(images)
+        logits, deltas, anchors, counts = self._rpn(feats, images.shape[1:3])
         props = select_proposals(logits, deltas, anchors, counts, image_sizes,
                                  pre_nms_top_n=cfg.rpn_pre_nms_top_n_test,
                                  post_nms_top_n=cfg.rpn_post_nms_top_n_test, nms_thresh=cfg.rpn_nms_thresh)
         pooled = feats[:4]  # RoIAlign reads P2..P5, never P6
         box_feats = multiscale_roi_align(pooled, props.boxes, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
                                          cfg.aligned, cfg.pooler_scales)
-        class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(box_feats))
+        class_logits, box_deltas = self._box_outputs(box_feats)
         post = lambda cl, bd, pb, pv, hw: detect_boxes(  # noqa: E731
             cl, bd, pb, pv, hw, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
             detections_per_img=cfg.detections_per_img)
@@ -189,8 +212,8 @@ class MaskRCNN(nnx.Module):
         """
         cfg = self.cfg
         k_rpn, k_roi = jax.random.split(rng)
-        feats = self.backbone(batch.images)
-        logits, deltas, anchors, counts = self.rpn(feats, batch.images.shape[1:3])
+        feats = self._features(batch.images)
+        logits, deltas, anchors, counts = self._rpn(feats, batch.images.shape[1:3])
         loss_obj, loss_rpn_box = rpn_losses(
             logits, deltas, anchors, batch.gt_boxes, batch.gt_valid, batch.gt_crowd, k_rpn,
             fg_iou_thresh=cfg.rpn_fg_iou_thresh, bg_iou_thresh=cfg.rpn_bg_iou_thresh,
@@ -205,7 +228,7 @@ class MaskRCNN(nnx.Module):
         pooled = feats[:4]
         box_feats = multiscale_roi_align(pooled, samples.rois, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
                                          cfg.aligned, cfg.pooler_scales)
-        class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(box_feats))
+        class_logits, box_deltas = self._box_outputs(box_feats)
         loss_cls, loss_box = box_losses(class_logits, box_deltas, samples, batch.gt_boxes)
 
         # Mask branch on the first M slots, where the sampler puts the positives.

@@ -9,7 +9,9 @@ Three steps, each usable alone:
   * :func:`coco_evaluate` runs pycocotools ``COCOeval`` for ``bbox`` and ``segm`` once over
     every category and reports AP, AP50, AP75, APs, APm, APl for three groups: all classes,
     set A (classes trained with masks) and set B (the others, whose masks come from weight
-    transfer in Mask^X R-CNN), as in Hu et al. 2018.
+    transfer in Mask^X R-CNN), as in Hu et al. 2018. Set A is ``data.set_a``, or with
+    ``data.mask_supervision=by_annotation`` every class with at least one mask annotation
+    in the training data (``DatasetInfo.set_a_ids``); set-B mask AP is then the headline.
   * :func:`evaluate_model` loops a ``predict_fn`` over evaluation batches and does both.
 
 Metric values are pycocotools' own: fractions in [0, 1] (not percent); ``-1`` where
@@ -137,6 +139,7 @@ def detections_to_coco(
     contiguous_to_cat_id: Mapping[int, int] | Sequence[int],
     with_masks: bool = True,
     canvas_multiple: int = 128,
+    unscored_labels: Iterable[int] = (),
 ) -> list[dict]:
     """Converts a batch of detections to COCO result dicts in the original image frames.
 
@@ -151,6 +154,9 @@ def detections_to_coco(
         indexed by label (entry 0, background, unused).
       with_masks: False for a box-only model: no ``segmentation`` field, no pasting.
       canvas_multiple: see :func:`paste_binary_masks`.
+      unscored_labels: labels of classes the ground truth does not have (e.g. added by a
+        box-only training source): their detections are left out (pycocotools could not
+        score them); any other label without a category id is an error.
 
     Returns:
       One dict per valid detection: ``image_id`` int, ``category_id`` int (COCO id),
@@ -161,6 +167,7 @@ def detections_to_coco(
       ValueError: a valid detection's label has no COCO category.
     """
     lut = _category_lookup(contiguous_to_cat_id)
+    unscored = np.asarray(sorted(int(i) for i in unscored_labels), np.int64)
     boxes_all = np.asarray(det.boxes, dtype=np.float32)
     scores_all = np.asarray(det.scores, dtype=np.float32)
     labels_all = np.asarray(det.labels).astype(np.int64)
@@ -171,7 +178,7 @@ def detections_to_coco(
     results: list[dict] = []
     for b in range(boxes_all.shape[0]):
         image_id = int(image_ids[b])
-        keep = np.flatnonzero(valid_all[b])
+        keep = np.flatnonzero(valid_all[b] & ~np.isin(labels_all[b], unscored))
         if image_id < 0 or keep.size == 0:
             continue
         labels = labels_all[b, keep]
@@ -360,6 +367,7 @@ def evaluate_model(
     num_batches: int | None = None,
     progress: bool = True,
     verbose: bool = True,
+    unscored_labels: Iterable[int] = (),
 ) -> dict:
     """Runs a detector over evaluation batches and scores it with :func:`coco_evaluate`.
 
@@ -384,6 +392,7 @@ def evaluate_model(
       num_batches: length of ``eval_batches`` for the progress bar, if it has no ``len``.
       progress: show a tqdm progress bar.
       verbose: print the metrics table.
+      unscored_labels: classes absent from ``gt`` (see :func:`detections_to_coco`).
 
     Returns:
       The metrics dict of :func:`coco_evaluate`.
@@ -392,6 +401,7 @@ def evaluate_model(
 
     results: list[dict] = []
     seen_ids: set[int] = set()
+    unscored_labels = tuple(unscored_labels)
 
     def convert(pending) -> None:
         det, batch = pending
@@ -400,7 +410,8 @@ def evaluate_model(
         seen_ids.update(int(i) for i in image_ids if i >= 0)
         results.extend(
             detections_to_coco(
-                det, image_ids, batch.image_sizes, batch.original_sizes, contiguous_to_cat_id, with_masks=with_masks
+                det, image_ids, batch.image_sizes, batch.original_sizes, contiguous_to_cat_id, with_masks=with_masks,
+                unscored_labels=unscored_labels,
             )
         )
 

@@ -14,14 +14,71 @@ torchvision ``references/detection/train.py`` trains Mask R-CNN with
     and 1 afterwards (the step decay also applies inside the warmup, as chained torch schedulers do).
 
 Only the trainable ``nnx.Param`` variables may be given to the optimiser (see ``train_lib``):
-weight decay would otherwise shrink frozen buffers.
+weight decay would otherwise shrink frozen buffers. :func:`trainable_filter` decides which those
+are: every ``nnx.Param`` outside the module groups named by ``train.freeze`` (stage-wise training,
+e.g. Mask^X on a frozen, already trained box detector). Frozen parameters are kept out of the
+optimiser's pytree altogether, not masked inside it, so they get no gradient, no weight decay and
+no optimiser state (torch's ``requires_grad=False`` + leaving them out of ``SGD(params)``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+# train.freeze groups -> the module paths (prefixes of NNX variable paths, torchvision's names) they hold.
+FREEZE_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "backbone": (("backbone",),),  # ResNet body and FPN
+    "rpn": (("rpn",),),
+    "box_head": (("roi_heads", "box_head"), ("roi_heads", "box_predictor")),  # fc6/fc7, cls_score/bbox_pred
+    # mask convs, conv5_mask, mask_fcn_logits / MLP fusion, and tau (Mask^X)
+    "mask_head": (("roi_heads", "mask_head"), ("roi_heads", "mask_predictor"), ("roi_heads", "weight_transfer")),
+}
+# Shorthands: ``detector`` is everything a box detector (Faster R-CNN) has, i.e. stage-wise Mask^X.
+FREEZE_PRESETS: dict[str, tuple[str, ...]] = {"detector": ("backbone", "rpn", "box_head")}
+
+
+def parse_freeze(spec: str) -> tuple[str, ...]:
+    """``train.freeze`` -> sorted group names.
+
+    Args:
+      spec: ``""`` (freeze nothing beyond ``model.freeze_at``), a comma-separated list of
+        :data:`FREEZE_GROUPS` names, or a :data:`FREEZE_PRESETS` name (``detector``); they may mix.
+    Raises:
+      ValueError: a name that is neither a group nor a preset (one line naming the valid ones).
+    """
+    groups: set[str] = set()
+    for name in (part.strip() for part in str(spec).split(",")):
+        if not name:
+            continue
+        if name in FREEZE_PRESETS:
+            groups.update(FREEZE_PRESETS[name])
+        elif name in FREEZE_GROUPS:
+            groups.add(name)
+        else:
+            raise ValueError(f"train.freeze: unknown part {name!r}; use a comma-separated list of "
+                             f"{', '.join(FREEZE_GROUPS)} or the preset 'detector' (= backbone,rpn,box_head)")
+    return tuple(sorted(groups))
+
+
+def is_frozen(path: tuple, groups: tuple[str, ...]) -> bool:
+    """Whether the variable at NNX ``path`` (e.g. ``('roi_heads', 'box_head', 'fc6', 'kernel')``)
+    belongs to one of the frozen ``groups``."""
+    return any(tuple(path[:len(prefix)]) == prefix for g in groups for prefix in FREEZE_GROUPS[g])
+
+
+def trainable_filter(spec: str) -> Callable[[tuple, Any], bool]:
+    """An NNX filter ``(path, variable) -> bool`` selecting the trainable variables: every
+    ``nnx.Param`` not in a ``train.freeze`` group (FrozenBN buffers and ``model.freeze_at``
+    stages are never ``nnx.Param``). Use as ``nnx.split(model, trainable_filter(spec), ...)``."""
+    groups = parse_freeze(spec)
+
+    def trainable(path: tuple, variable: Any) -> bool:
+        return isinstance(variable, nnx.Param) and not is_frozen(path, groups)
+
+    return trainable
 
 
 def make_schedule(train_cfg: Any) -> optax.Schedule:

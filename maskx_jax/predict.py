@@ -318,7 +318,9 @@ def _num_classes_in_checkpoint(step_dir: str) -> int:
     finally:
         absl_logger.setLevel(level)
     tree = getattr(meta, "item_metadata", meta)
-    node = tree["params"]["roi_heads"]["box_predictor"]["cls_score"]["bias"]
+    # Trainable, or frozen with the detector (train.freeze): then it is saved with the other fixed variables.
+    part = "params" if "box_predictor" in (tree["params"].get("roi_heads") or {}) else "rest"
+    node = tree[part]["roi_heads"]["box_predictor"]["cls_score"]["bias"]
     node = node.get("value", node) if isinstance(node, Mapping) else node
     return int(node.shape[0])
 
@@ -353,6 +355,9 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
         from maskx_jax.detector import make_predict_fn
 
         meta = ckpt_lib.read_meta(checkpoint)
+        if meta.get("kind") == "box_detector":
+            raise ValueError(f"{checkpoint} holds a box-only detector (a converted Faster R-CNN, no mask branch); "
+                             "train its mask branch first (train.init_checkpoint, README 'Stage-wise Mask^X')")
         if meta.get("kind") != "detector":
             raise ValueError(f"{checkpoint} holds a {meta.get('kind')!r} checkpoint (a backbone), not a detector")
         model = load_converted_detector(checkpoint)

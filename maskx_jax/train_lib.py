@@ -51,7 +51,7 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maskx_jax.optim import make_optimizer, make_schedule
+from maskx_jax.optim import is_frozen, make_optimizer, make_schedule, parse_freeze, trainable_filter
 from maskx_jax.types import Batch, Detections
 
 Array = jax.Array
@@ -73,8 +73,13 @@ INFERENCE_ONLY_MODEL_KEYS = frozenset({
     "model.rpn_pre_nms_top_n_test", "model.rpn_post_nms_top_n_test", "model.box_score_thresh",
     "model.box_nms_thresh", "model.detections_per_img",
 })
+# Model keys that change how a step computes, not what is saved: a run may resume with another value.
+COMPUTE_ONLY_MODEL_KEYS = frozenset({"model.dtype"})
 # Data keys that decide the class list (num_classes) and which classes have mask supervision.
-ARCHITECTURE_DATA_KEYS = frozenset({"data.source", "data.set_a"})
+ARCHITECTURE_DATA_KEYS = frozenset({"data.source", "data.set_a", "data.mask_supervision"})
+# Train keys that decide which variables are trainable (``TrainState.params``) and which are not
+# (``rest``), i.e. the layout of a saved train state; {key: the value an older config.json without it meant}.
+STATE_LAYOUT_KEYS = {"train.freeze": ""}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,6 +92,10 @@ class NonFiniteLossError(RuntimeError):
 
 class ConfigMismatchError(ValueError):
     """The work directory was trained with a different model architecture."""
+
+
+class InitCheckpointError(ConfigMismatchError):
+    """``train.init_checkpoint`` leaves variables that ``train.freeze`` keeps fixed at their random initialisation."""
 
 
 # --------------------------------------------------------------------------- environment
@@ -164,7 +173,9 @@ def config_to_json_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def is_architecture_key(key: str) -> bool:
-    return (key.startswith("model.") and key not in INFERENCE_ONLY_MODEL_KEYS) or key in ARCHITECTURE_DATA_KEYS
+    return ((key.startswith("model.") and key not in INFERENCE_ONLY_MODEL_KEYS and key not in COMPUTE_ONLY_MODEL_KEYS)
+            or key in ARCHITECTURE_DATA_KEYS
+            or key in STATE_LAYOUT_KEYS)
 
 
 def config_differences(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
@@ -191,7 +202,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list
     with open(path) as f:
         saved = json.load(f)
     diffs = config_differences(saved, config_to_json_dict(config))
-    arch = [d for d in diffs if is_architecture_key(d[0])]
+    arch = [d for d in diffs if is_architecture_key(d[0])
+            and not (d[0] in STATE_LAYOUT_KEYS and d[1] == "<absent>" and d[2] == STATE_LAYOUT_KEYS[d[0]])]
     if arch:
         raise ConfigMismatchError(
             f"{workdir} holds a run trained with a different model architecture; "
@@ -249,9 +261,11 @@ class TrainState:
     """Everything a step reads and writes; a pytree, checkpointed as a whole.
 
     step:      int32 scalar, the number of completed steps (the next step's index).
-    params:    ``nnx.State`` of the trainable ``nnx.Param`` variables (what the optimiser sees).
-    opt_state: optax state of ``params``.
-    rest:      ``nnx.State`` of every other variable (FrozenBN buffers, frozen stages), never updated.
+    params:    ``nnx.State`` of the trainable ``nnx.Param`` variables (what the optimiser sees): every
+               ``nnx.Param`` outside the ``train.freeze`` parts (see ``optim.trainable_filter``).
+    opt_state: optax state of ``params`` (nothing for frozen variables: they are not in ``params``).
+    rest:      ``nnx.State`` of every other variable (FrozenBN buffers, ``model.freeze_at`` stages, the
+               ``train.freeze`` parts), never updated and never differentiated.
     skipped:   int32 scalar, steps whose update was dropped for a non-finite loss (``on_nonfinite='skip'``).
     halted_at: int32 scalar, the first non-finite step under ``on_nonfinite='stop'`` (-1 if none); once
                set, no later step changes params or opt_state.
@@ -359,6 +373,7 @@ class Trainer:
         self.mesh = mesh or create_mesh()
         check_scaling(config, self.mesh)
         t = config.train
+        self.freeze = str(t.get("freeze", ""))
         self.tx = make_optimizer(t)
         self.schedule = make_schedule(t)
         self.replicated = NamedSharding(self.mesh, P())
@@ -368,7 +383,9 @@ class Trainer:
 
         def init() -> TrainState:
             model = self.model_fn(config, num_classes, int(t.seed))
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            # Frozen parts go to ``rest``: the step differentiates only ``params``, so JAX computes no
+            # backward pass into them and the optimiser holds no state (and applies no decay) for them.
+            graphdef, params, rest = nnx.split(model, trainable_filter(self.freeze), ...)
             graphdefs.append(graphdef)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rest=rest,
                               skipped=jnp.zeros((), jnp.int32), halted_at=jnp.full((), -1, jnp.int32))
@@ -417,34 +434,43 @@ class Trainer:
     def load_init_checkpoint(self, state: TrainState, directory: str) -> tuple[TrainState, dict]:
         """Fill ``state`` from a converted maskx_jax checkpoint (see :mod:`maskx_jax.checkpoint`).
 
-        kind ``detector``: every model variable with the same path and shape is loaded;
+        kind ``detector`` (Mask R-CNN) or ``box_detector`` (Faster R-CNN: no mask branch, which then stays
+        at its initialisation): every model variable with the same path and shape is loaded;
         kind ``resnet``: the checkpoint's variables go under ``backbone.body``.
         Returns the new state and a report {kind, loaded, not_loaded (model variables left at their
-        initialisation), unused (checkpoint entries the model lacks), shape_mismatch}, all by name.
+        initialisation), unused (checkpoint entries the model lacks), shape_mismatch, frozen_not_loaded
+        (the not_loaded ones that ``train.freeze`` keeps fixed)}, all by name.
         """
         from maskx_jax.checkpoint import load_flat, read_meta
 
         meta = read_meta(directory)
         kind = meta.get("kind")
-        if kind not in ("detector", "resnet"):
-            raise ValueError(f"{directory}: unknown checkpoint kind {kind!r} (expected 'detector' or 'resnet')")
+        if kind not in ("detector", "box_detector", "resnet"):
+            raise ValueError(f"{directory}: unknown checkpoint kind {kind!r} "
+                             f"(expected 'detector', 'box_detector' or 'resnet')")
         prefix = ("backbone", "body") if kind == "resnet" else ()
         flat = {prefix + tuple(p): a for p, a in load_flat(directory).items()}
         report = {"checkpoint": os.path.abspath(directory), "kind": kind, "source": meta.get("source", ""),
-                  "loaded": [], "not_loaded": [], "unused": [], "shape_mismatch": []}
+                  "loaded": [], "not_loaded": [], "unused": [], "shape_mismatch": [], "frozen_not_loaded": []}
         used = set()
+        frozen_groups = parse_freeze(self.freeze)
+
+        def not_loaded(path: tuple, name: str) -> None:
+            report["not_loaded"].append(name)
+            if is_frozen(path, frozen_groups):
+                report["frozen_not_loaded"].append(name)
 
         def fill(key_path, leaf):
             path = _nnx_path(key_path)
             name = _path_name(path)
             if path not in flat:
-                report["not_loaded"].append(name)
+                not_loaded(path, name)
                 return leaf
             used.add(path)
             value = np.asarray(flat[path])
             if tuple(value.shape) != tuple(leaf.shape):
                 report["shape_mismatch"].append(f"{name}: checkpoint {tuple(value.shape)}, model {tuple(leaf.shape)}")
-                report["not_loaded"].append(name)
+                not_loaded(path, name)
                 return leaf
             report["loaded"].append(name)
             value = value.astype(leaf.dtype)
@@ -742,6 +768,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
         if t.init_checkpoint:
             state, report = trainer.load_init_checkpoint(state, t.init_checkpoint)
             _log_init_report(workdir, report)
+            if report["frozen_not_loaded"]:
+                names = report["frozen_not_loaded"]
+                raise InitCheckpointError(
+                    f"train.freeze={trainer.freeze!r} keeps {len(names)} variable(s) fixed that "
+                    f"{t.init_checkpoint} does not provide (they would stay random): "
+                    f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''} (full list in "
+                    f"{os.path.join(workdir, INIT_REPORT_FILE)}). Convert a checkpoint with those parts and the "
+                    f"dataset's class count (--classes coco80 maps torchvision's 91 COCO labels to 80), or freeze less.")
     trainable, frozen = trainer.param_count(state)
     logging.info("parameters: %.2fM trainable, %.2fM frozen; mesh %s over %d devices (%d processes)",
                  trainable / 1e6, frozen / 1e6, dict(trainer.mesh.shape), trainer.mesh.size, jax.process_count())
@@ -934,7 +968,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
     metrics = evaluate_lib.evaluate_model(
         predict_fn, batches, info.val_json, info.contiguous_to_cat_id, set_a_cat_ids,
         output_json=os.path.join(workdir, METRICS_FILE) if main else None,
-        with_masks=bool(info.val_has_masks), progress=progress and main, verbose=main)
+        with_masks=bool(info.val_has_masks), progress=progress and main, verbose=main,
+        unscored_labels=getattr(info, "unscored_ids", ()))
     if main:
         from tensorboardX import SummaryWriter
 

@@ -1,17 +1,21 @@
 """Class lists and the set-A (mask-supervised classes) specification.
 
-``data.set_a`` is a comma-separated list of class names, or a preset:
+With ``data.mask_supervision=by_class``, ``data.set_a`` is a comma-separated list of class names, or a preset:
   * ``""`` or ``all``: every class has mask supervision (plain Mask R-CNN);
   * ``voc``: the classes whose name is one of the 20 PASCAL VOC classes (COCO's names);
   * ``nonvoc``: every other class.
 Names match case-insensitively after stripping spaces. For COCO's 80 classes ``voc`` gives
 contiguous ids (1,2,3,4,5,6,7,9,15,16,17,18,19,20,40,57,58,59,61,63) [seg_every_thing].
+With ``data.mask_supervision=by_annotation``, set A is read from the training annotations
+instead (:func:`set_a_from_annotations`): every class with at least one mask.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+
+from maskx_jax.data.records import ImageRecord
 
 BACKGROUND = "__background__"
 
@@ -45,8 +49,12 @@ COCO_CATEGORIES = (
 PRESETS = ("all", "voc", "nonvoc")
 
 
-def _norm(name: str) -> str:
+def normalize_name(name: str) -> str:
+    """The form class names are compared in: lower case, spaces collapsed ("Traffic  Light" == "traffic light")."""
     return " ".join(name.strip().lower().split())
+
+
+_norm = normalize_name
 
 
 def parse_set_a(spec: str, class_names: Sequence[str]) -> tuple[int, ...]:
@@ -91,3 +99,34 @@ def has_mask_by_class(set_a_ids: Sequence[int], num_classes: int) -> np.ndarray:
     out = np.zeros((num_classes,), dtype=bool)
     out[list(set_a_ids)] = True
     return out
+
+
+def mask_counts(records: Iterable[ImageRecord], num_classes: int) -> np.ndarray:
+    """int64 [num_classes] (K+1 entries): per class, the non-crowd instances with a mask annotation.
+
+    ``records``' instances carry their validated segmentation (None = box-only), so nothing is
+    decoded. Crowd regions are ignore regions, never mask targets, so they do not count. A
+    source that only knows its instances once decoded (tfds) has none listed: all zeros.
+    """
+    out = np.zeros((num_classes,), np.int64)
+    for rec in records:
+        for inst in rec.instances:
+            if inst.segmentation is not None and not inst.crowd:
+                out[inst.category] += 1
+    return out
+
+
+def set_a_from_annotations(counts: np.ndarray) -> tuple[int, ...]:
+    """``data.mask_supervision=by_annotation``: set A = the classes with >= 1 mask annotation.
+
+    Args:
+      counts: int [K+1] from :func:`mask_counts` (index 0, background, ignored).
+
+    Raises:
+      ValueError: no class has a mask annotation (the mask branch would never be trained).
+    """
+    ids = tuple(int(i) for i in np.nonzero(counts[1:])[0] + 1)
+    if not ids:
+        raise ValueError("data.mask_supervision=by_annotation: the training data has no instance with a mask "
+                         "annotation (a segmentation), so no class could be in set A")
+    return ids

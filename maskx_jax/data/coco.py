@@ -54,6 +54,8 @@ class CocoSource:
       contiguous_to_cat_id: {contiguous id: COCO category id in this file} (classes absent
         from this file, possible with ``class_names``, are missing).
       records: validated :class:`ImageRecord`s, in file order.
+      num_box_only: annotations kept as box-only because they have no segmentation by intent
+        (only counted with ``segmentation_optional``).
       issues: the :class:`Issues` counter every problem went to.
       num_problems: how many problems this source has reported so far (parsing included).
     """
@@ -66,6 +68,8 @@ class CocoSource:
         issues: Issues | None = None,
         class_names: Sequence[str] | None = None,
         drop_empty_images: bool = False,
+        segmentation_optional: bool = False,
+        tag: str | None = None,
     ):
         """Parses and validates the annotation file.
 
@@ -77,6 +81,12 @@ class CocoSource:
             categories with other names become ``unknown_category``.
           drop_empty_images: skip (counted) images without any usable non-crowd instance;
             meant for training, as torchvision's reference scripts do.
+          segmentation_optional: an annotation whose ``segmentation`` is absent, null or ``[]``
+            is a box-only instance by intent (``data.mask_supervision=by_annotation``, box-only
+            sources): counted in ``num_box_only``, not reported as a problem. Otherwise it is
+            reported as ``segmentation_empty`` (and still kept as box-only). Malformed
+            segmentations are reported either way.
+          tag: prefix of this source's record names in warnings (default: the JSON's file name).
 
         Raises:
           FileNotFoundError / ValueError: the JSON itself is missing or not a COCO file
@@ -86,7 +96,9 @@ class CocoSource:
         self.image_dir = image_dir
         self.issues = issues if issues is not None else Issues()
         self.num_problems = 0  # problems this source reported (not deduplicated across sources)
-        self._tag = os.path.basename(json_path)
+        self.num_box_only = 0  # annotations without a segmentation by intent (segmentation_optional)
+        self._segmentation_optional = bool(segmentation_optional)
+        self._tag = tag or os.path.basename(json_path)
         if not os.path.isfile(json_path):
             raise FileNotFoundError(f"COCO annotation file not found: {json_path}")
         if not os.path.isdir(image_dir):
@@ -209,7 +221,16 @@ class CocoSource:
         if box is None:
             return None
         crowd = bool(ann.get("iscrowd", 0))
-        segm = self._validate_segmentation(ann.get("segmentation"), img["height"], img["width"], name)
+        raw = ann.get("segmentation")
+        if raw is None or (isinstance(raw, list) and not raw):
+            if self._segmentation_optional:
+                self.num_box_only += 1
+            else:
+                self._warn("segmentation_empty", name, f"no segmentation ({'[]' if raw == [] else 'absent or null'}): "
+                           "kept as box-only; data.mask_supervision=by_annotation reads this as intended")
+            return Instance(box=box, category=self.cat_id_to_contiguous[int(cid)], crowd=crowd,
+                            segmentation=None, ann_id=aid)
+        segm = self._validate_segmentation(raw, img["height"], img["width"], name)
         return Instance(box=box, category=self.cat_id_to_contiguous[int(cid)], crowd=crowd,
                         segmentation=segm, ann_id=aid)
 

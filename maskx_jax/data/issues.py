@@ -45,7 +45,9 @@ KINDS = {
     "box_outside_image": "box does not overlap the image: annotation skipped",
     "box_clipped": "box partly outside the image: clipped to it",
     "polygon_too_few_points": "polygon part with < 3 points: part dropped",
-    "segmentation_empty": "empty/invalid segmentation: instance kept as box-only (no mask)",
+    "segmentation_empty": "absent/empty/invalid segmentation: instance kept as box-only (no mask); under "
+                          "data.mask_supervision=by_annotation an absent, null or [] one is box-only by intent "
+                          "and not reported",
     "rle_size_mismatch": "RLE size differs from the image size: instance kept as box-only",
     "too_many_instances": "more instances than data.max_instances: extras dropped",
     "duplicate_category": "duplicate category id: later entry ignored",

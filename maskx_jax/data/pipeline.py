@@ -15,7 +15,9 @@ is the global sample ``g = s * B + b`` (B = ``train.batch_size``); it lies in ep
 gets the contiguous positions ``[p * B / P, (p + 1) * B / P)``, so the processes' local
 batches concatenate (in process order) into the global batch. An image that turns out to
 be unreadable is replaced by the next readable record of the dataset (counted), which is
-deterministic too.
+deterministic too. With a second, box-only training source (``data.box_source``) each sample
+g is first assigned to a source, then drawn from that source's own epoch permutations (see
+:mod:`maskx_jax.data.mixture`); flips are drawn as above.
 
 Batches are plain NumPy arrays inside a ``Batch``; decoding and augmentation run on
 ``data.num_workers`` threads, ``data.prefetch`` batches ahead.
@@ -24,24 +26,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
-import os
-import tempfile
 from typing import Iterator
 
 import ml_collections
 import numpy as np
 
-from maskx_jax.data import prepare
-from maskx_jax.data.classes import has_mask_by_class, parse_set_a
-from maskx_jax.data.coco import CocoSource
+from maskx_jax.data import prepare, sources
+from maskx_jax.data.classes import has_mask_by_class, mask_counts, parse_set_a, set_a_from_annotations
 from maskx_jax.data.issues import Issues
+from maskx_jax.data.mixture import BoxOnlySource, ConcatSource, mixed_step_indices
 from maskx_jax.data.prefetch import OrderedPrefetcher
 from maskx_jax.data.records import STANDIN_IMAGE_SIZE, Example, ImageRecord, Source
-from maskx_jax.data.synthetic import generate_synthetic
+from maskx_jax.data.vocab import merge_vocabularies, read_class_map
 from maskx_jax.types import Batch
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DatasetInfo:
@@ -49,9 +48,12 @@ class DatasetInfo:
 
     Attributes:
       source: ``data.source`` ('synthetic' | 'coco' | 'tfds').
-      class_names: K+1 names, index 0 ``'__background__'``.
+      class_names: K+1 names, index 0 ``'__background__'`` (with a box source: the merged
+        vocabulary, ``data.source``'s classes first; see :mod:`maskx_jax.data.vocab`).
       num_classes: K+1 (the detector's class count, background included).
-      set_a_ids: contiguous ids (1..K) of the mask-supervised classes (set A).
+      set_a_ids: contiguous ids (1..K) of the mask-supervised classes (set A): ``data.set_a``
+        (``mask_supervision='by_class'``) or the classes with >= 1 mask annotation in the
+        training data (``'by_annotation'``).
       set_b_ids: the other foreground ids.
       has_mask_by_class: bool [K+1], True at set-A ids.
       cat_id_to_contiguous: {category id in the evaluation JSON: contiguous id}.
@@ -60,8 +62,18 @@ class DatasetInfo:
       val_json: COCO JSON to evaluate against ('' when there is no validation set); a cleaned
         copy under ``data.cache_dir`` when the original had bad records.
       val_has_masks: False when the validation ground truth has no masks (tfds): box AP only.
-      train, val: the sources (``len()``, ``record(i)``, ``load(i)``); val may be None.
+      train, val: the sources (``len()``, ``record(i)``, ``load(i)``); val may be None. With a
+        box source, ``train`` is a :class:`~maskx_jax.data.mixture.ConcatSource` (mask source
+        records first, then the box source's).
       issues: the shared counter of repaired/skipped records (grows while decoding).
+      mask_supervision: ``data.mask_supervision``.
+      mask_counts: int64 [K+1]: non-crowd training instances with a mask annotation, per class
+        (``data.source`` only; 0 for sources that list no instances before decoding: tfds).
+      box_source: ``data.box_source`` ('' = none).
+      train_sizes: records per training source: (N,) or (N_mask_source, N_box_source).
+      box_source_fraction: share of training samples drawn from the box source (0 without one).
+      unscored_ids: classes without a category in the validation JSON (added by the box
+        source): their detections cannot be scored and are left out of evaluation.
     """
 
     source: str
@@ -77,6 +89,12 @@ class DatasetInfo:
     train: Source
     val: Source | None
     issues: Issues
+    mask_supervision: str = "by_class"
+    mask_counts: np.ndarray | None = None
+    box_source: str = ""
+    train_sizes: tuple[int, ...] = ()
+    box_source_fraction: float = 0.0
+    unscored_ids: tuple[int, ...] = ()
 
     @property
     def num_train(self) -> int:
@@ -86,6 +104,13 @@ class DatasetInfo:
     def num_val(self) -> int:
         return 0 if self.val is None else len(self.val)
 
+    def train_indices(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+        """int64 [B]: indices into ``train`` of the global batch of ``step`` (module docstring;
+        :mod:`maskx_jax.data.mixture` with a box source)."""
+        if self.box_source:
+            return mixed_step_indices(seed, step, batch_size, self.train_sizes, self.box_source_fraction)
+        return global_step_indices(seed, step, batch_size, len(self.train))
+
     def summary(self) -> dict[str, int]:
         """{problem kind: number of records} so far (see :data:`maskx_jax.data.issues.KINDS`)."""
         return self.issues.summary()
@@ -94,87 +119,54 @@ class DatasetInfo:
         """Printable dataset description plus the bad-record table."""
         head = (f"data: source={self.source} classes={self.num_classes - 1} train={self.num_train} "
                 f"val={self.num_val} set A={[self.class_names[i] for i in self.set_a_ids]}")
+        if self.mask_supervision == "by_annotation" and self.mask_counts is not None:
+            counts = ", ".join(f"{self.class_names[i]} {int(self.mask_counts[i])}" for i in self.set_a_ids)
+            head += f"\n  set A read from the annotations (by_annotation); masks per class: {counts}"
+        if self.box_source:
+            head += (f"\n  box source={self.box_source}: {self.train_sizes[1]} images (box-only), drawn for "
+                     f"{self.box_source_fraction:g} of the training samples; {self.train_sizes[0]} from "
+                     f"source={self.source}")
+        if self.unscored_ids:
+            head += (f"\n  not in the validation ground truth (detections not scored): "
+                     f"{[self.class_names[i] for i in self.unscored_ids]}")
         return head + "\n" + self.issues.report()
 
 
 # ----------------------------------------------------------------------------- loading
-def _cached_json(cache_dir: str, original: str, extra_key: str, build) -> str:
-    """Path of a derived COCO JSON under ``cache_dir``, built with ``build()`` unless present.
-
-    The name is keyed on the original file (path, size, mtime) and ``extra_key``, so a
-    changed input gives a new file; writes are atomic (temp file + rename).
-    """
-    stat = os.stat(original)
-    ident = f"{os.path.abspath(original)}|{stat.st_size}|{stat.st_mtime_ns}|{extra_key}"
-    key = hashlib.sha1(ident.encode()).hexdigest()[:12]
-    stem = os.path.splitext(os.path.basename(original))[0]
-    path = os.path.join(os.path.abspath(cache_dir), f"{stem}.clean-{key}.json")
-    if os.path.isfile(path):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(build(), f)
-    os.replace(tmp, path)
-    return path
-
-
-def _coco_val(json_path: str, image_dir: str, class_names, issues: Issues, cache_dir: str) -> tuple[CocoSource, str]:
-    val = CocoSource(json_path, image_dir, issues=issues, class_names=class_names)
-    if val.num_problems == 0:
-        return val, json_path
-    # pycocotools would choke on (or mis-score) the records we skipped or repaired.
-    return val, _cached_json(cache_dir, json_path, "|".join(class_names), val.to_coco_dict)
-
-
 def load_datasets(config: ml_collections.ConfigDict) -> DatasetInfo:
     """Opens the configured train/val sources and derives classes, set A and id maps.
 
     For ``data.source='synthetic'`` the dataset is generated first (once) into
-    ``data.synthetic_dir``, then read through the COCO path.
+    ``data.synthetic_dir``, then read through the COCO path. With ``data.box_source`` the
+    box source's classes are merged into ``data.source``'s by name (:mod:`maskx_jax.data.vocab`)
+    and its instances never carry a mask.
 
     Raises:
-      ValueError: unknown class names in ``data.set_a`` (lists the valid ones), bad config.
+      ValueError: unknown class names in ``data.set_a`` (lists the valid ones), unmatched
+        box-source classes, no mask annotation at all under ``by_annotation``, bad config.
       FileNotFoundError: missing annotation files / folders.
     """
     d = config.data
     issues = Issues()
-    drop_empty = bool(d.drop_images_without_annotations)
-    val_has_masks = True
-    if d.source == "synthetic":
-        paths = generate_synthetic(d.synthetic_dir, d.synthetic_num_train, d.synthetic_num_val,
-                                   d.synthetic_image_size, d.synthetic_seed)
-        train = CocoSource(paths.train_json, paths.train_images, issues=issues, drop_empty_images=drop_empty)
-        val, val_json = _coco_val(paths.val_json, paths.val_images, train.class_names, issues, d.cache_dir)
-        id_map = val.contiguous_to_cat_id
-    elif d.source == "coco":
-        if not (d.train_json and d.train_images):
-            raise ValueError("data.source=coco needs data.train_json and data.train_images")
-        train = CocoSource(d.train_json, d.train_images, issues=issues, drop_empty_images=drop_empty)
-        val, val_json, id_map = None, "", train.contiguous_to_cat_id
-        if d.val_json:
-            val, val_json = _coco_val(d.val_json, d.val_images, train.class_names, issues, d.cache_dir)
-            id_map = val.contiguous_to_cat_id
-    elif d.source == "tfds":
-        from maskx_jax.data.tfds_source import TfdsSource
-
-        train = TfdsSource(d.tfds_data_dir, d.tfds_name, d.tfds_train_split, issues=issues)
-        parse_set_a(d.set_a, train.class_names)  # fail fast, before reading the validation split
-        if d.val_json:
-            val, val_json = _coco_val(d.val_json, d.val_images, train.class_names, issues, d.cache_dir)
-            id_map = val.contiguous_to_cat_id
-        else:
-            val = TfdsSource(d.tfds_data_dir, d.tfds_name, d.tfds_val_split, issues=issues,
-                             class_names=train.class_names)
-            val_has_masks = False
-            val_json = _cached_json(d.cache_dir, os.path.join(val.builder_dir, "dataset_info.json"),
-                                    f"{d.tfds_val_split}|" + "|".join(train.class_names), val.to_coco_dict)
-            id_map = val.contiguous_to_cat_id
-    else:
-        raise ValueError(f"data.source must be synthetic, coco or tfds, got {d.source!r}")
-    class_names = tuple(train.class_names)
+    main = sources.open_train(d, issues)
+    class_names = tuple(main.class_names)
+    train: Source = main
+    train_sizes: tuple[int, ...] = (len(main),)
+    if d.box_source:
+        box = sources.open_box_source(d, issues)
+        class_map = read_class_map(d.box_source_class_map) if d.box_source_class_map else {}
+        class_names, lut = merge_vocabularies(class_names, box.class_names, class_map, d.box_source_unmatched)
+        box_view = BoxOnlySource(box, lut, class_names)
+        train = ConcatSource([main, box_view], class_names)
+        train_sizes = (len(main), len(box_view))
     num_classes = len(class_names)
-    set_a = parse_set_a(d.set_a, class_names)
+    counts = mask_counts(getattr(main, "records", ()), num_classes)
+    if d.mask_supervision == "by_annotation":
+        set_a = set_a_from_annotations(counts)
+    else:
+        set_a = parse_set_a(d.set_a, class_names)  # before the validation split: fail fast
+    val, val_json, id_map, val_has_masks = sources.open_val(d, class_names, issues, main.contiguous_to_cat_id)
+    unscored = tuple(i for i in range(1, num_classes) if i not in id_map) if val is not None else ()
     return DatasetInfo(
         source=d.source,
         class_names=class_names,
@@ -189,6 +181,12 @@ def load_datasets(config: ml_collections.ConfigDict) -> DatasetInfo:
         train=train,
         val=val,
         issues=issues,
+        mask_supervision=str(d.mask_supervision),
+        mask_counts=counts,
+        box_source=str(d.box_source),
+        train_sizes=train_sizes,
+        box_source_fraction=float(d.box_source_fraction) if d.box_source else 0.0,
+        unscored_ids=unscored,
     )
 
 
@@ -202,10 +200,14 @@ def prepare_options(config: ml_collections.ConfigDict, info: DatasetInfo) -> pre
 
 
 def _load_or_next(source: Source, index: int, mask_classes: np.ndarray) -> Example:
-    """``source.load(index)``, or the next readable record (wrapping) if it cannot be decoded."""
-    n = len(source)
+    """``source.load(index)``, or the next readable record (wrapping) if it cannot be decoded.
+
+    With several training sources the replacement comes from the same source, so the mix of
+    sources in a batch never changes.
+    """
+    start, n = source.segment(index) if isinstance(source, ConcatSource) else (0, len(source))
     for k in range(n):
-        ex = source.load((index + k) % n, mask_classes)
+        ex = source.load(start + (index - start + k) % n, mask_classes)
         if ex is not None:
             return ex
     raise RuntimeError("no image of the dataset can be decoded; see the data issue report")
@@ -247,8 +249,9 @@ class TrainIterator:
             raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
         if batch_size % process_count:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the process count {process_count}")
-        if len(info.train) == 0:
-            raise ValueError("the training set is empty (see the data issue report):\n" + info.report())
+        if len(info.train) == 0 or 0 in info.train_sizes:
+            raise ValueError("the training set (or one of its sources) is empty (see the data issue report):\n"
+                             + info.report())
         self.info = info
         self.options = options
         self.global_batch_size = batch_size
@@ -263,7 +266,7 @@ class TrainIterator:
 
     def _plan(self, step: int):
         lo = self.process_index * self.local_batch_size
-        indices = global_step_indices(self.seed, step, self.global_batch_size, len(self.info.train))
+        indices = self.info.train_indices(self.seed, step, self.global_batch_size)
         arrays = prepare.allocate(self.local_batch_size, self.options)
         jobs = [functools.partial(self._job, arrays, slot, int(indices[lo + slot]),
                                   flip_decision(self.seed, step, lo + slot, self.hflip_prob))
