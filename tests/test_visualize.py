@@ -95,3 +95,94 @@ def test_mask_shape_mismatch_raises():
     image, boxes, masks = _scene(40, 40)
     with pytest.raises(ValueError, match="do not match"):
         visualize.draw_detections(image, boxes, [1], [0.5], masks[:, :20], NAMES)
+
+
+def test_inverted_boxes_are_drawn_like_their_normalised_box():
+    image, boxes, masks = _scene(120, 160)
+    x1, y1, x2, y2 = boxes[0]
+    expected = visualize.draw_detections(image, boxes, [1], [0.8], masks, NAMES)
+    for inverted in ([x2, y1, x1, y2], [x1, y2, x2, y1], [x2, y2, x1, y1]):
+        out = visualize.draw_detections(image, np.array([inverted]), [1], [0.8], masks, NAMES)
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_non_finite_boxes_and_scores_do_not_raise():
+    image, boxes, masks = _scene(100, 100)
+    plain = visualize.draw_detections(image, np.zeros((0, 4)), [], [], None, NAMES)
+    # A NaN box with a mask is drawn at the mask's extent; one without mask pixels is skipped.
+    from_mask = visualize.draw_detections(image, [[np.nan, 0, 50, 50]], [1], [0.9], masks, NAMES)
+    extent = visualize.draw_detections(image, [[30, 40, 70, 80]], [1], [0.9], masks, NAMES)
+    np.testing.assert_array_equal(from_mask, extent)
+    empty = np.zeros_like(masks)
+    for bad in ([np.nan] * 4, [0, 0, np.inf, 10], [-np.inf, 5, 5, np.nan]):
+        out = visualize.draw_detections(image, [bad], [1], [0.9], empty, NAMES)
+        np.testing.assert_array_equal(out, plain)
+        out = visualize.draw_detections(image, [bad], [1], [0.9], None, NAMES)
+        np.testing.assert_array_equal(out, plain)
+    # NaN score: printed as such, the other detection still drawn.
+    out = visualize.draw_detections(image, np.concatenate([boxes, boxes + 5]), [1, 2], [np.nan, 0.7], None, NAMES)
+    assert out.shape == plain.shape and not np.array_equal(out, plain)
+
+
+def test_boxes_outside_the_image_are_clipped_or_skipped():
+    image = np.full((100, 200, 3), 128, np.uint8)
+    plain = visualize.draw_detections(image, np.zeros((0, 4)), [], [], None, NAMES, min_short_side=0)
+    for outside in ([250, 10, 300, 50], [-80, -40, -5, -1], [10, 120, 50, 1e30]):
+        out = visualize.draw_detections(image, [outside], [1], [0.9], None, NAMES, min_short_side=0)
+        np.testing.assert_array_equal(out, plain)
+    # Partly outside: the outline runs along the image border, the label stays inside the image.
+    out = visualize.draw_detections(image, [[-50, 20, 80, 1e9]], [1], [0.9], None, NAMES, min_short_side=0)
+    colour = visualize.PALETTE[0].astype(np.uint8)
+    assert np.all(out[40:90, 0] == colour) and np.all(out[-1, 5:75] == colour)
+    boxes, drawable = visualize.sanitize_boxes(np.array([[-50, 20, 80, 1e9], [300, 0, 250, 10]]), None, 100, 200)
+    np.testing.assert_array_equal(boxes[0], [0, 20, 80, 100])
+    assert drawable.tolist() == [True, False]
+
+
+def test_labels_do_not_cover_each_other():
+    placed = []
+    for _ in range(6):  # six detections of one object: each label gets its own row
+        rect = visualize._place_label((40.0, 60.0, 140.0, 160.0), (70.0, 18.0), placed, 400, 300)
+        assert 0 <= rect[0] and rect[2] <= 400 and 0 <= rect[1] and rect[3] <= 300
+        assert not any(visualize._overlaps(rect, p) for p in placed)
+        placed.append(rect)
+    assert placed[0] == (40.0, 42.0, 110.0, 60.0)  # the first one above its box
+    # A box at the top edge: the label goes just inside it.
+    assert visualize._place_label((10.0, 0.0, 90.0, 50.0), (50.0, 18.0), [], 400, 300) == (10.0, 0.0, 60.0, 18.0)
+
+
+def test_label_ink_contrasts_with_its_strip():
+    assert visualize._ink((255, 127, 14)) == (0, 0, 0)  # orange: black text
+    assert visualize._ink((31, 119, 180)) == (255, 255, 255)  # blue: white text
+    assert visualize._ink((60, 60, 60)) == (255, 255, 255)
+    assert visualize._ink((255, 187, 0)) == (0, 0, 0)
+
+
+def test_extreme_aspect_ratios_are_not_upscaled_without_bound():
+    strip = np.full((4, 600, 3), 200, np.uint8)
+    out = visualize.draw_detections(strip, [[10, 0, 100, 4]], [1], [0.9], np.ones((1, 4, 600), bool), NAMES)
+    assert out.shape[1] == 2048 and out.shape[0] == round(4 * 2048 / 600)
+    tall = visualize.draw_detections(np.zeros((3000, 2, 3), np.uint8), np.zeros((0, 4)), [], [], None, NAMES)
+    assert tall.shape == (3000, 2, 3)  # already past the bound: never shrunk either
+
+
+def test_mask_rim_on_the_bounding_box_equals_the_whole_image():
+    """Masks are blended on their bounding box only; the result is the whole-image computation's."""
+    image = np.full((90, 120, 3), 100, np.uint8)
+    masks = np.zeros((2, 90, 120), bool)
+    masks[0, 0:30, 0:50] = True  # touches the image border
+    masks[1, 40:70, 60:118] = True
+    masks[1, 50:60, 80:100] = False  # a hole: an inner rim too
+    # Instance 1's box lies 2 px outside its mask (PIL draws the outline inside the box), its label above.
+    boxes = [[0, 0, 50, 30], [56, 36, 120, 74]]
+    out = visualize.draw_detections(image, boxes, [1, 2], [0.5, 0.6], masks, NAMES, min_short_side=0).astype(int)
+    canvas = image.astype(np.float32)
+    for i in (0, 1):
+        canvas[masks[i]] = canvas[masks[i]] * 0.55 + visualize.PALETTE[i] * 0.45
+        canvas[visualize._boundary(masks[i], 2)] = visualize.PALETTE[i] * 0.55
+    expected = np.clip(np.rint(canvas), 0, 255).astype(int)
+    np.testing.assert_array_equal(out[masks[1]], expected[masks[1]])
+    rim = visualize._boundary(masks[1], 2)
+    assert rim[40, 70] and rim[69, 70] and rim[45, 117] and rim[49, 90]  # top, bottom, right edge; around the hole
+    # Instance 0 (clipped by the image border) away from its outline and label.
+    np.testing.assert_array_equal(out[20:28, 20:48], expected[20:28, 20:48])
