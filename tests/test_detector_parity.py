@@ -4,7 +4,8 @@ One randomly initialised torchvision model (no download is possible) is converte
 and shared by every test here. Random weights give degenerate detections: the box head's
 representation is nearly the same for every RoI, so one class wins everywhere with probability ~1,
 and torchvision's default ``bbox_pred`` init moves boxes by hundreds of pixels, so they collapse
-onto the image border. To make the comparison mean something we calibrate on the test images:
+onto the image border. To make the comparison mean something we calibrate on the test images
+(``tests.torch_utils.calibrate_maskrcnn_``):
   (a) ``cls_score`` is rescaled so each class logit varies with std 1.5 *across RoIs* and its bias
       is set to minus the mean logit plus N(0, 0.3) noise: scores spread over ~[0.5, 0.95] with
       many classes represented, so the score threshold, per-class NMS and the top-100 cut all do
@@ -36,7 +37,7 @@ from maskx_jax.mask_head import mask_logits
 from maskx_jax.paste import paste_masks
 from maskx_jax.rpn import select_proposals
 from maskx_jax.transform import preprocess, resize_boxes
-from tests.torch_utils import nchw, nhwc, randomize_batchnorm_, state_dict_numpy
+from tests.torch_utils import calibrate_maskrcnn_, nchw, nhwc, randomize_batchnorm_, state_dict_numpy
 
 NUM_CLASSES = 11
 MIN_SIZE, MAX_SIZE = 320, 512  # small images keep the R-50 end-to-end case fast on 2 CPU cores
@@ -54,29 +55,7 @@ def models(images):
     ref = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=MIN_SIZE, max_size=MAX_SIZE)
     randomize_batchnorm_(ref, seed=1)
-    ref.eval()
-    captured = {}
-    hooks = [ref.roi_heads.box_head.register_forward_hook(lambda mod, inp, out: captured.setdefault("rep", out)),
-             ref.rpn.head.register_forward_hook(lambda mod, inp, out: captured.setdefault("rpn", out))]
-    predictor, rpn_head = ref.roi_heads.box_predictor, ref.rpn.head
-    with torch.no_grad():
-        # Calibrate the RPN first (the box head sees its proposals).
-        ref(_torch_images(images))
-        logits, deltas = (torch.cat([t.flatten() for t in ts]) for ts in captured.pop("rpn"))
-        rpn_head.cls_logits.weight.mul_(3.0 / logits.std())
-        rpn_head.bbox_pred.weight.mul_(0.2 / deltas.std())
-        rpn_head.bbox_pred.bias.zero_()
-        captured.clear()
-        ref(_torch_images(images))
-        for h in hooks:
-            h.remove()
-        rep = captured["rep"]
-        mean = rep.mean(0)
-        w = predictor.cls_score.weight
-        w.mul_(1.5 / ((rep - mean) @ w.T).std(0)[:, None])
-        predictor.cls_score.bias.copy_(-(w @ mean) + 0.3 * torch.randn(NUM_CLASSES))
-        box_deltas = (rep @ predictor.bbox_pred.weight.T).std()
-        predictor.bbox_pred.weight.mul_(0.3 / box_deltas)
+    calibrate_maskrcnn_(ref, _torch_images(images))
     ours = convert_maskrcnn(state_dict_numpy(ref), depth=50)
     return ref, ours
 

@@ -131,3 +131,9 @@ def test_mask_targets_resample_the_crop_in_the_roi_frame():
     assert float(left[0, :, :-2].min()) > 0.99 and float(left[0, :, -1].min()) > 0.5
     outside = mask_targets(jnp.array([[50.0, 10.0, 80.0, 42.0]]), gt, jnp.asarray(crop), jnp.array([0]))
     assert float(outside.max()) == 0.0
+
+
+def test_no_supervised_positive_gives_zero_mask_loss_and_gradient():
+    none = synthetic_batch(seed=0, has_mask=np.zeros((2, 4), bool))
+    value, grads = _mask_loss_grads(tiny_config(), none)
+    assert value == 0.0 and _norm(grads) == 0.0
