@@ -258,3 +258,15 @@ def test_real_model_init_checkpoint(tmp_path):
     assert not any(n.startswith("backbone.body.") for n in report["not_loaded"])
     np.testing.assert_array_equal(np.asarray(new.params["backbone"]["body"]["layer4"][1]["conv2"]["kernel"][...]),
                                   np.asarray(other.backbone.body.layer4[1].conv2.kernel[...]))
+
+
+def test_train_step_compiles_once(tmp_path):
+    """Many steps with new data and a new state each time: one trace and one executable."""
+    trainer = train_lib.Trainer(F.stand_in_config(), F.NUM_CLASSES, model_fn=F.tiny_model_fn)
+    state = trainer.init_state()
+    for step in range(4):
+        batch = trainer.global_batch(F.synthetic_batch(0, step, F.stand_in_config().train.batch_size))
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics["total"])
+    assert int(state.step) == 4
+    assert trainer.train_step._cache_size() == 1

@@ -1,0 +1,95 @@
+"""Shared by the benchmarks: timing, machine facts, peak memory and XLA's cost figures.
+
+Every figure a benchmark reports is a median over ``repeats`` timed calls after ``warmup``
+untimed ones; the raw times are kept beside it in the JSON.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    ``fn`` must block until its work is done (``jax.block_until_ready`` / torch's synchronous CPU ops).
+
+    Returns:
+      {"median_s": float, "times_s": [float, ...]}.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def xla_figures(compiled: Any) -> dict:
+    """FLOPs and memory of a compiled JAX executable, from XLA's own analyses.
+
+    Returns:
+      {"flops": float (XLA cost analysis: multiply-adds count 2), "temp_mib", "argument_mib",
+       "output_mib": float (memory analysis of the executable, not of the process)}.
+    """
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    mib = 1.0 / 2**20
+    return {"flops": float((cost or {}).get("flops", float("nan"))),
+            "temp_mib": mem.temp_size_in_bytes * mib, "argument_mib": mem.argument_size_in_bytes * mib,
+            "output_mib": mem.output_size_in_bytes * mib}
+
+
+def isolate_jax() -> None:
+    """Measure compile times honestly: no persistent compilation cache in benchmark workers."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+def environment() -> dict:
+    """Versions and machine facts recorded beside every benchmark table."""
+    info = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "processor": _cpu_model()}
+    try:
+        import jax
+
+        info.update(jax=jax.__version__, backend=jax.default_backend(), device=str(jax.devices()[0]))
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        info["jax"] = f"unavailable: {e}"
+    try:
+        import torch
+        import torchvision
+
+        info.update(torch=torch.__version__, torchvision=torchvision.__version__, torch_threads=torch.get_num_threads())
+    except Exception as e:  # noqa: BLE001
+        info["torch"] = f"unavailable: {e}"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

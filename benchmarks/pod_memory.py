@@ -1,0 +1,93 @@
+"""Per-device memory of the training step on a pod, from XLA's memory analysis of the compiled step.
+
+    python benchmarks/pod_memory.py                        # R-50/R-101 x float32/bfloat16, ~10 min
+    python benchmarks/pod_memory.py --depths 50 --dtypes bfloat16 --size 800
+
+Nothing runs and nothing is allocated: the train step of ``Trainer`` is lowered on abstract
+(ShapeDtypeStruct) state and batch over a mesh of ``--devices`` fake CPU devices
+(``--xla_force_host_platform_device_count``), data parallel with a per-device batch of
+``--per-device-batch`` images, and ``compiled.memory_analysis()`` gives each device's buffers:
+arguments (parameters + optimiser state + its batch shard), outputs (the new state, donated into
+the arguments' buffers) and temporaries (activations kept for the backward pass, gradients,
+workspace). The figures are the XLA CPU backend's buffer assignment; GPU and TPU backends
+assign (and fuse) differently, so read them as the size of the problem, within tens of percent.
+Writes ``benchmarks/results/pod_memory.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--per-device-batch", type=int, default=2)
+    p.add_argument("--size", type=int, default=1024, help="square padded image side (multiple of 32)")
+    p.add_argument("--depths", default="50,101")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--classes", type=int, default=81, help="num_classes incl. background (COCO: 81)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}").strip()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    import jax
+    import jax.numpy as jnp
+
+    from maskx_jax.config import base_config
+    from maskx_jax.train_lib import Trainer
+    from maskx_jax.types import Batch
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    rows = []
+    for depth in (int(d) for d in args.depths.split(",")):
+        for dtype in args.dtypes.split(","):
+            c = base_config()
+            c.model.depth, c.model.dtype = depth, dtype
+            c.model.mask_mode, c.data.set_a = "transfer", "voc"
+            c.data.pad_height = c.data.pad_width = args.size
+            c.train.batch_size = args.devices * args.per_device_batch
+            trainer = Trainer(c, args.classes)
+            b, g, s, hw = c.train.batch_size, c.data.max_instances, c.data.mask_crop_size, args.size
+            shapes = Batch(images=((b, hw, hw, 3), jnp.float32), image_sizes=((b, 2), jnp.int32),
+                           gt_boxes=((b, g, 4), jnp.float32), gt_classes=((b, g), jnp.int32),
+                           gt_valid=((b, g), jnp.bool_), gt_crowd=((b, g), jnp.bool_),
+                           gt_has_mask=((b, g), jnp.bool_), gt_masks=((b, g, s, s), jnp.float32),
+                           image_ids=((b,), jnp.int32), original_sizes=((b, 2), jnp.int32))
+            batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(*x, sharding=trainer.batch_sharding), shapes,
+                                 is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
+            t0 = time.perf_counter()
+            compiled = trainer.train_step.lower(trainer.abstract_state(), batch).compile()
+            mem = compiled.memory_analysis()
+            gib = 1.0 / 2**30
+            row = {"depth": depth, "dtype": dtype, "devices": args.devices, "global_batch": b,
+                   "per_device_batch": args.per_device_batch, "image": hw, "compile_s": time.perf_counter() - t0,
+                   "argument_gib": mem.argument_size_in_bytes * gib, "output_gib": mem.output_size_in_bytes * gib,
+                   "alias_gib": mem.alias_size_in_bytes * gib, "temp_gib": mem.temp_size_in_bytes * gib}
+            # Donated outputs reuse the argument buffers (alias), so they are not counted twice.
+            row["total_gib"] = row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "pod_memory.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = ["| backbone | compute dtype | mesh | global batch | image | arguments GiB | temporaries GiB | "
+             "per-device total GiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| R-{r['depth']}-FPN | {r['dtype']} | data={r['devices']} | {r['global_batch']} "
+                     f"({r['per_device_batch']}/device) | {r['image']}x{r['image']} | {r['argument_gib']:.2f} | "
+                     f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "pod_memory.md"), "w") as f:
+        f.write(table)
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Markdown tables from ``bench.json`` (``python benchmarks/report.py [bench.json]`` re-renders one).
+
+Speed-ups are torchvision time / maskx_jax time measured in the same run (> 1: maskx_jax faster).
+Utilisation = XLA's FLOP count / run time / the machine's measured float32 matmul peak. torchvision's
+FLOPs come from ``torch.utils.flop_counter`` (convolutions and matrix products only), XLA's count
+includes element-wise work: compare them as orders of magnitude.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+_MATCH = {"roi_align": ("out",), "inference": ("height", "width", "batch"),
+          "train": ("height", "width", "batch")}  # every maskx_jax variant vs torchvision's one Mask R-CNN
+
+
+def _pairs(rows: list[dict], case: str):
+    """(jax row, torch row or None) per configuration, in plan order."""
+    keys = _MATCH[case]
+    found = [r for r in rows if r.get("case") == case]
+    for r in found:
+        if r.get("framework") != "jax":
+            continue
+        twin = next((t for t in found if t.get("framework") == "torch"
+                     and all(t.get(k, "class_specific") == r.get(k, "class_specific") for k in keys)), None)
+        yield r, twin
+
+
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _err(r: dict | None) -> str | None:
+    return None if r is None or "error" not in r else "error: " + r["error"].splitlines()[-1][:80]
+
+
+def _median(r: dict | None, key: str) -> float | None:
+    return None if r is None or key not in r else r[key]["median_s"]
+
+
+def _ratio(torch_s: float | None, jax_s: float | None) -> str:
+    return "n/a" if not torch_s or not jax_s else f"**{torch_s / jax_s:.2f}x**"
+
+
+def _util(r: dict, peak: float | None, per: float) -> str:
+    if not peak or "xla" not in r or "run" not in r:
+        return "n/a"
+    return f"{100 * r['xla']['flops'] / r['run']['median_s'] / 1e9 / peak:.0f}%"
+
+
+def _gflop(j: dict, t: dict | None) -> str:
+    ours = f"{j['xla']['flops'] / 1e9 / j['batch']:.0f}"
+    theirs = "n/a" if t is None or "torch_flops" not in t else f"{t['torch_flops'] / 1e9 / t['batch']:.0f}"
+    return f"{ours} / {theirs}"
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    env = result.get("environment", {})
+    peak_row = next((r for r in rows if r.get("case") == "matmul_peak" and "gflops" in r), None)
+    peak = peak_row["gflops"] if peak_row else None
+    out = [f"Machine: {env.get('processor', '?')}, {env.get('cpu_count', '?')} cores; jax {env.get('jax', '?')} "
+           f"({env.get('backend', '?')}), torch {env.get('torch', '?')} / torchvision {env.get('torchvision', '?')} "
+           f"({env.get('torch_threads', '?')} threads). Medians after warm-up; speed-up = torchvision time / "
+           f"maskx_jax time in the same run. float32 matmul peak (JAX, measured): {_f(peak, '{:.0f}')} GFLOP/s.", ""]
+
+    out += ["**FPN RoIAlign** (P2-P5 of 800x1344, batch 2, 512 RoIs/image, 256 channels, sampling 2):", "",
+            "| output | forward ms (jax / torch) | speed-up | forward+backward ms (jax / torch) | speed-up | "
+            "jax compile s | peak RSS MiB (jax / torch) |", "|---|---|---|---|---|---|---|"]
+    for j, t in _pairs(rows, "roi_align"):
+        if _err(j) or _err(t):
+            out.append(f"| {j['out']}x{j['out']} | {_err(j) or _err(t)} | | | | | |")
+            continue
+        fj, ft, bj, bt = (_median(j, "forward"), _median(t, "forward"), _median(j, "forward_backward"),
+                          _median(t, "forward_backward"))
+        out.append(f"| {j['out']}x{j['out']} | {1e3 * fj:.0f} / {1e3 * ft:.0f} | {_ratio(ft, fj)} | "
+                   f"{1e3 * bj:.0f} / {1e3 * bt:.0f} | {_ratio(bt, bj)} | {j['compile_s']:.1f} | "
+                   f"{j['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} |")
+
+    out += ["", "**Inference** (Mask R-CNN R50-FPN, COCO head, uint8 images to pasted masks, ~100 detections/image):",
+            "", "| image | batch | images/s (jax / torch) | speed-up | jax compile s | peak RSS MiB (jax / torch) | "
+            "GFLOP/image (jax XLA / torch counter) | jax utilisation |", "|---|---|---|---|---|---|---|---|"]
+    for j, t in _pairs(rows, "inference"):
+        size = f"{j['height']}x{j['width']}"
+        if _err(j) or _err(t):
+            out.append(f"| {size} | {j['batch']} | {_err(j) or _err(t)} | | | | | |")
+            continue
+        out.append(f"| {size} | {j['batch']} | {j['images_per_s']:.3f} / {t['images_per_s']:.3f} | "
+                   f"{_ratio(_median(t, 'run'), _median(j, 'run'))} | {j['compile_s']:.0f} | "
+                   f"{j['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} | "
+                   f"{_gflop(j, t)} | {_util(j, peak, j['batch'])} |")
+
+    out += ["", "**Training step** (Mask R-CNN R50-FPN, SGD, batch 2, 8 instances/image, 512 RoIs/image; maskx_jax "
+            "runs the mask head on its static 128 RoI slots per image, torchvision on its positives only):", "",
+            "| image | mask head | images/s (jax / torch) | speed-up | jax compile s | peak RSS MiB (jax / torch) | "
+            "GFLOP/image (jax XLA / torch counter) | torch mask RoIs/image | jax utilisation |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for j, t in _pairs(rows, "train"):
+        size = f"{j['height']}x{j['width']}"
+        mode = j.get("mask_mode", "class_specific") + (
+            f", {j['max_mask_rois']} mask slots" if j.get("max_mask_rois", 128) != 128 else "")
+        if _err(j) or (t is not None and _err(t)):
+            out.append(f"| {size} | {mode} | {_err(j) or _err(t)} | | | | | | |")
+            continue
+        tv = "n/a" if t is None else f"{t['images_per_s']:.3f}"
+        rss = "n/a" if t is None else f"{t['peak_rss_mib']:.0f}"
+        out.append(f"| {size} | {mode} | {j['images_per_s']:.3f} / {tv} | "
+                   f"{_ratio(_median(t, 'run'), _median(j, 'run'))} | {j['compile_s']:.0f} | "
+                   f"{j['peak_rss_mib']:.0f} / {rss} | {_gflop(j, t)} | "
+                   f"{'n/a' if t is None else _f(t.get('mask_rois_per_image'), '{:.0f}')} | {_util(j, peak, j['batch'])} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/bench.json"
+    with open(path) as f:
+        print(markdown(json.load(f)))

@@ -1,0 +1,125 @@
+"""maskx_jax vs torchvision: speed, compile time, memory and FLOPs (``make bench``).
+
+    python benchmarks/run.py                 # everything, ~20-30 min on a 2-core CPU
+    python benchmarks/run.py --quick         # 512 x 512 only, fewer repeats (~8 min)
+    python benchmarks/run.py --only roi_align,train
+
+Each case runs in a fresh subprocess (its peak RSS is its own; no JAX compilation cache), the two
+frameworks one after the other on the same weights and inputs. Results go to
+``benchmarks/results/bench.json`` (every raw time) and ``bench.md`` (the tables quoted in the README).
+See ``benchmarks/cases.py`` for exactly what each case measures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, environment  # noqa: E402
+from benchmarks.report import markdown  # noqa: E402
+
+SIZES = ((800, 1333), (512, 512))
+
+
+def plan(quick: bool, only: set[str] | None, smoke: bool = False) -> list[dict]:
+    """The case specs, in run order: {"case": name, "framework": ..., **kwargs}.
+
+    ``smoke``: seconds-long toy versions of the cheap cases (tests/test_benchmarks.py runs the whole
+    driver this way so the benchmark code cannot rot); its figures mean nothing.
+    """
+    if smoke:
+        return [{"case": "matmul_peak", "n": 128, "repeats": 1}] + [
+            {"case": "roi_align", "framework": fw, "out": 7, "rois": 16, "channels": 8, "repeats": 1}
+            for fw in ("jax", "torch")]
+    sizes = SIZES[1:] if quick else SIZES
+    reps = 2 if quick else 3
+    specs = [{"case": "matmul_peak"}]
+    for out in (7, 14):
+        specs += [{"case": "roi_align", "framework": fw, "out": out, "repeats": 3 if quick else 5}
+                  for fw in ("jax", "torch")]
+    for h, w in sizes:
+        for batch in (1, 2):
+            specs += [{"case": "inference", "framework": fw, "height": h, "width": w, "batch": batch, "repeats": reps}
+                      for fw in ("jax", "torch")]
+    for h, w in sizes:
+        specs += [{"case": "train", "framework": fw, "height": h, "width": w, "batch": 2, "repeats": reps}
+                  for fw in ("jax", "torch")]
+        specs.append({"case": "train", "framework": "jax", "height": h, "width": w, "batch": 2, "repeats": reps,
+                      "mask_mode": "transfer"})
+        # Where the time goes: the same step with the mask head on 32 slots (about torchvision's
+        # positives at random init here) instead of the exact 128.
+        specs.append({"case": "train", "framework": "jax", "height": h, "width": w, "batch": 2, "repeats": reps,
+                      "max_mask_rois": 32})
+    return [s for s in specs if only is None or s["case"] in only]
+
+
+def run_case(spec: dict, timeout_s: float) -> dict:
+    """Run one case in a subprocess; returns its row (or {"error": ...} if it failed)."""
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout_s:.0f} s"}
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        return {**spec, "error": f"exit {proc.returncode}: {tail}"}
+    return {**spec, **json.loads(lines[-1]), "wall_s": wall}
+
+
+def _describe(spec: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in spec.items() if k != "repeats")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="512 x 512 only, fewer repeats")
+    p.add_argument("--smoke", action="store_true", help="toy sizes of the cheap cases (a test of this script)")
+    p.add_argument("--only", default="", help="comma-separated case names: matmul_peak,roi_align,inference,train")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:  # inside the subprocess: run one case, print its row as the last JSON line
+        from benchmarks.cases import CASES
+
+        spec = json.loads(args.worker)
+        kwargs = {k: v for k, v in spec.items() if k != "case"}
+        print(json.dumps(CASES[spec["case"]](**kwargs)), flush=True)
+        return 0
+
+    only = {s.strip() for s in args.only.split(",") if s.strip()} or None
+    specs = plan(args.quick, only, args.smoke)
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        print(f"[{i}/{len(specs)}] {_describe(spec)} ...", end=" ", flush=True)
+        row = run_case(spec, args.timeout)
+        rows.append(row)
+        print(row.get("error") or f"done in {row['wall_s']:.0f} s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    result = {"environment": environment(), "quick": args.quick, "smoke": args.smoke, "rows": rows}
+    json_path = os.path.join(args.out, "bench.json")
+    md_path = os.path.join(args.out, "bench.md")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result)
+    with open(md_path, "w") as f:
+        f.write(table)
+    print("\n" + table)
+    print(f"written: {json_path}, {md_path}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The benchmark drivers run end to end at toy size (their real runs take 10-30 min: ``make bench``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_bench_driver_measures_both_frameworks_and_writes_tables(tmp_path):
+    proc = _run(["benchmarks/run.py", "--smoke"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["case"], r.get("framework")): r for r in result["rows"]}
+    assert set(rows) == {("matmul_peak", None), ("roi_align", "jax"), ("roi_align", "torch")}
+    assert rows[("matmul_peak", None)]["gflops"] > 0
+    for fw in ("jax", "torch"):
+        r = rows[("roi_align", fw)]
+        assert r["forward"]["median_s"] > 0 and r["forward_backward"]["median_s"] > 0 and r["peak_rss_mib"] > 0
+    assert rows[("roi_align", "jax")]["xla"]["flops"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "| 7x7 |" in table and "GFLOP/s" in table and "error" not in table
+
+
+def test_pod_memory_reports_per_device_figures_from_xla(tmp_path):
+    proc = _run(["benchmarks/pod_memory.py", "--devices", "2", "--per-device-batch", "1", "--size", "64",
+                 "--depths", "18", "--dtypes", "float32,bfloat16", "--classes", "3"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "pod_memory.json").read_text())
+    assert [(r["dtype"], r["devices"], r["global_batch"]) for r in rows] == [("float32", 2, 2), ("bfloat16", 2, 2)]
+    for r in rows:
+        assert r["argument_gib"] > 0 and r["temp_gib"] > 0
+        assert r["total_gib"] >= r["argument_gib"] + r["temp_gib"] - 1e-9
+    # (No bfloat16 < float32 assertion: the CPU backend computes bfloat16 convolutions through
+    # float32 copies, so its temporaries are larger there; see the README's pod section.)
+    assert "R-18-FPN" in (tmp_path / "pod_memory.md").read_text()
