@@ -34,7 +34,7 @@ from maskx_jax.checkpoint import config_to_json, save_detector, save_flat, save_
 from maskx_jax.detector import DetectorConfig, MaskRCNN
 from maskx_jax.optim import FREEZE_GROUPS
 from maskx_jax.resnet import RESNET_SPECS, ResNet
-from maskx_jax.state_utils import Path, assign_flat, flat_shapes
+from maskx_jax.state_utils import Path, abstract_module, flat_shapes, from_flat
 
 _DETECTOR_ARCH = re.compile(r"^maskrcnn_resnet(\d+)_fpn$")
 _BOX_DETECTOR_ARCH = re.compile(r"^fasterrcnn_resnet(\d+)_fpn$")
@@ -67,19 +67,17 @@ def convert_maskrcnn(state: Mapping[str, np.ndarray], depth: int = 50, bn_eps: f
         raise ConversionError(f"not a Mask R-CNN checkpoint: no {key}. {_hint(state, 'maskrcnn')}".strip())
     cfg = DetectorConfig(depth=depth, num_classes=int(state[key].shape[0]), norm_eps=bn_eps)
     fc6_chw = (cfg.fpn_channels, cfg.box_roi_size, cfg.box_roi_size)
-    try:  # checked against the abstract model first: a refusal costs no initialisation
-        flat = torch_to_flax(state, _abstract_shapes(cfg), fc6_chw=fc6_chw)
+    abstract = _abstract_detector(cfg)
+    try:  # checked against the abstract model: nothing is initialised, the model is built from the arrays
+        flat = torch_to_flax(state, flat_shapes(abstract), fc6_chw=fc6_chw)
     except ConversionError as e:
         raise ConversionError(f"{e}\n{_hint(state, 'maskrcnn')}".rstrip()) from None
-    model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
-    assign_flat(model, flat)
-    return model
+    return from_flat(abstract, flat)
 
 
-def _abstract_shapes(cfg: DetectorConfig) -> dict[Path, tuple]:
-    """{path: shape} of every variable of ``MaskRCNN(cfg)``, built abstractly (nothing initialised)."""
-    abstract = nnx.eval_shape(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0)))
-    return {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+def _abstract_detector(cfg: DetectorConfig) -> MaskRCNN:
+    """``MaskRCNN(cfg)`` built abstractly (nothing initialised)."""
+    return abstract_module(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0)))
 
 
 def _is_mask_branch(path: Path) -> bool:
@@ -91,7 +89,7 @@ def _is_mask_branch(path: Path) -> bool:
 def box_detector_shapes(cfg: DetectorConfig) -> tuple[dict[Path, tuple], dict[Path, tuple]]:
     """({path: shape} of a Faster R-CNN's variables, {path: shape} of the mask branch it lacks) for ``cfg``
     (built abstractly: nothing is initialised)."""
-    shapes = _abstract_shapes(cfg)
+    shapes = flat_shapes(_abstract_detector(cfg))
     box = {p: s for p, s in shapes.items() if not _is_mask_branch(p)}
     return box, {p: s for p, s in shapes.items() if _is_mask_branch(p)}
 
@@ -129,13 +127,12 @@ def lacking_report(lacking: list[str], output: str) -> str:
 
 def convert_resnet(state: Mapping[str, np.ndarray], depth: int, bn_eps: float = 1e-5) -> ResNet:
     """torchvision ImageNet ResNet state dict -> backbone :class:`ResNet` (the ``fc`` classifier is dropped)."""
-    body = ResNet(depth, norm_eps=bn_eps, rngs=nnx.Rngs(0))
+    abstract = abstract_module(lambda: ResNet(depth, norm_eps=bn_eps, rngs=nnx.Rngs(0)))
     try:
-        flat = torch_to_flax(state, flat_shapes(body), ignore=lambda k: k in ("fc.weight", "fc.bias"))
+        flat = torch_to_flax(state, flat_shapes(abstract), ignore=lambda k: k in ("fc.weight", "fc.bias"))
     except ConversionError as e:
         raise ConversionError(f"{e}\n{_hint(state, 'resnet')}".rstrip()) from None
-    assign_flat(body, flat)
-    return body
+    return from_flat(abstract, flat)
 
 
 def main(argv: list[str] | None = None) -> int:

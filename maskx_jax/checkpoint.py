@@ -27,7 +27,7 @@ from flax import nnx
 
 from maskx_jax.detector import DetectorConfig, MaskRCNN
 from maskx_jax.resnet import ResNet
-from maskx_jax.state_utils import Path, assign_flat, flat_arrays
+from maskx_jax.state_utils import Path, abstract_module, flat_arrays, flat_shapes, from_flat
 
 META_FILE = "maskx_meta.json"
 PARAMS_DIR = "params"
@@ -162,7 +162,9 @@ def load_detector(directory: str) -> MaskRCNN:
 
     The saved arrays are checked against the architecture ``maskx_meta.json`` describes (built
     abstractly, nothing initialised) before anything is built: a checkpoint whose parameters come
-    from another architecture is refused with the missing / unexpected / mis-shaped names.
+    from another architecture is refused with the missing / unexpected / mis-shaped names. The model
+    is then made from the saved arrays directly (:func:`maskx_jax.state_utils.from_flat`), without
+    first initialising random weights: about a second instead of ~25 s for an R-50 on a CPU.
     """
     meta = read_meta(directory)
     if meta.get("kind") == "box_detector":
@@ -172,17 +174,14 @@ def load_detector(directory: str) -> MaskRCNN:
         raise ValueError(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a detector")
     cfg = detector_config_from_json(meta.get("config", {}))
     flat = load_flat(directory)
-    abstract = nnx.eval_shape(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0)))
-    expected = {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
-    problems = fit_problems(expected, flat)
+    abstract = abstract_module(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0)))
+    problems = fit_problems(flat_shapes(abstract), flat)
     if problems:
         raise ValueError(
             f"{directory}: the saved parameters do not fit the architecture its {META_FILE} describes "
             f"(depth={cfg.depth}, num_classes={cfg.num_classes}, mask_mode={cfg.mask_mode}, "
             f"fpn_channels={cfg.fpn_channels}); refusing to load it:\n" + "\n".join(problems))
-    model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
-    assign_flat(model, flat)
-    return model
+    return from_flat(abstract, flat)  # filled from the checkpoint: no random initialisation runs
 
 
 def save_resnet(directory: str, body: ResNet, *, source: str = "", overwrite: bool = False) -> None:

@@ -264,46 +264,13 @@ def find_workdir(path: str) -> tuple[str, int | None] | None:
 
 
 def load_converted_detector(directory: str):
-    """:func:`maskx_jax.checkpoint.load_detector`, without first initialising random weights.
-
-    The module is built abstractly (``nnx.eval_shape``) and its state filled from the checkpoint:
-    about a second instead of ~25 s of eager random initialisation for an R-50 on a CPU. Every
-    variable must be in the checkpoint with its shape, and nothing else may be.
+    """:func:`maskx_jax.checkpoint.load_detector`: the model built abstractly (``nnx.eval_shape``) and
+    filled from the checkpoint, no random initialisation (about a second instead of ~25 s for an R-50
+    on a CPU). Every variable must be in the checkpoint with its shape, and nothing else may be.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     from maskx_jax import checkpoint as ckpt_lib
-    from maskx_jax.detector import MaskRCNN
-    from maskx_jax.train_lib import _nnx_path, _path_name
 
-    meta = ckpt_lib.read_meta(directory)
-    if meta.get("kind") != "detector":
-        raise ValueError(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a detector")
-    cfg = ckpt_lib.detector_config_from_json(meta["config"])
-    flat = ckpt_lib.load_flat(directory)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0))))
-    problems: list[str] = []
-    seen = set()
-
-    def fill(key_path, leaf):
-        path = _nnx_path(key_path)
-        seen.add(path)
-        if path not in flat:
-            problems.append(f"  missing: {_path_name(path)}")
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        value = np.asarray(flat[path])
-        if tuple(value.shape) != tuple(leaf.shape):
-            problems.append(f"  shape: {_path_name(path)}: got {value.shape}, expected {tuple(leaf.shape)}")
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        return jnp.asarray(value, leaf.dtype)
-
-    state = jax.tree_util.tree_map_with_path(fill, abstract)
-    problems += [f"  unexpected: {_path_name(p)}" for p in sorted(set(flat) - seen, key=str)]
-    if problems:
-        raise ValueError(f"{directory}: parameters do not fit the model:\n" + "\n".join(problems))
-    return nnx.merge(graphdef, state)
+    return ckpt_lib.load_detector(directory)
 
 
 def _num_classes_in_checkpoint(step_dir: str) -> int:

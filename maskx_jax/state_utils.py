@@ -1,10 +1,15 @@
 """Flat views of an NNX module's variables: {path: array}, used by conversion and checkpoints.
 
 A path is the tuple NNX uses, e.g. ('backbone', 'body', 'layer1', 0, 'conv1', 'kernel').
+
+Loading weights into a model goes through :func:`abstract_module` and :func:`from_flat`: the module is
+built abstractly (``nnx.eval_shape``: shapes and dtypes only, no random initialiser runs) and then
+filled, which for an R-50 detector on a CPU takes about a second instead of the ~25 s that eager
+initialisation (XLA compiling each initialiser) costs before the weights are overwritten anyway.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 Path = tuple
+M = TypeVar("M", bound=nnx.Module)
 
 
 def flat_variables(module: nnx.Module) -> dict[Path, nnx.Variable]:
@@ -20,8 +26,8 @@ def flat_variables(module: nnx.Module) -> dict[Path, nnx.Variable]:
 
 
 def flat_shapes(module: nnx.Module) -> dict[Path, tuple[int, ...]]:
-    """{path: shape} for every variable of a concrete module."""
-    return {p: tuple(v[...].shape) for p, v in flat_variables(module).items()}
+    """{path: shape} for every variable of a module, concrete or abstract (:func:`abstract_module`)."""
+    return {p: tuple(v.get_value().shape) for p, v in flat_variables(module).items()}
 
 
 def flat_arrays(module: nnx.Module) -> dict[Path, np.ndarray]:
@@ -29,19 +35,61 @@ def flat_arrays(module: nnx.Module) -> dict[Path, np.ndarray]:
     return {p: np.asarray(jax.device_get(v[...])) for p, v in flat_variables(module).items()}
 
 
+def abstract_module(build: Callable[[], M]) -> M:
+    """``build()`` run abstractly: the module with ``jax.ShapeDtypeStruct`` variables, nothing initialised.
+
+    Read its shapes with :func:`flat_shapes`; make it concrete with :func:`from_flat`.
+    """
+    return nnx.eval_shape(build)
+
+
+def _fit_error(shapes: Mapping[Path, tuple], flat: Mapping[Path, np.ndarray]) -> str | None:
+    """The message naming every missing / unexpected / mis-shaped variable, or None when ``flat`` fits."""
+    name = lambda p: ".".join(map(str, p))  # noqa: E731
+    missing = sorted(name(p) for p in shapes if p not in flat)
+    unexpected = sorted(name(p) for p in flat if p not in shapes)
+    bad = [f"{name(p)}: got {tuple(np.shape(a))}, expected {tuple(shapes[p])}"
+           for p, a in flat.items() if p in shapes and tuple(np.shape(a)) != tuple(shapes[p])]
+    if not (missing or unexpected or bad):
+        return None
+    return ("parameters do not fit the model:\n"
+            + "".join(f"  missing: {m}\n" for m in missing)
+            + "".join(f"  unexpected: {u}\n" for u in unexpected)
+            + "".join(f"  shape: {b}\n" for b in bad))
+
+
+def _variable_path(key_path: tuple) -> Path:
+    """A ``jax.tree_util`` key path inside an ``nnx.State`` -> the NNX variable path."""
+    return tuple(k.key if isinstance(k, jax.tree_util.DictKey) else k.idx for k in key_path
+                 if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey)))
+
+
+def from_flat(abstract: M, flat: Mapping[Path, np.ndarray]) -> M:
+    """A concrete copy of ``abstract`` (from :func:`abstract_module`) holding ``flat``'s arrays.
+
+    Every variable must be in ``flat`` with its shape and nothing else may be (else ValueError, as
+    :func:`assign_flat`); each array is cast to its variable's dtype exactly as :func:`assign_flat`
+    does, so the result is bitwise the module that eager construction + :func:`assign_flat` gives.
+    """
+    graphdef, state = nnx.split(abstract)
+    error = _fit_error(flat_shapes(abstract), flat)
+    if error:
+        raise ValueError(error)
+    state = jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: jnp.asarray(flat[_variable_path(kp)], dtype=leaf.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
 def assign_flat(module: nnx.Module, flat: Mapping[Path, np.ndarray]) -> None:
-    """Overwrite every variable of ``module`` from ``flat``; all paths and shapes must match exactly."""
+    """Overwrite every variable of ``module`` from ``flat``; all paths and shapes must match exactly.
+
+    To load weights into a model not yet built, prefer :func:`abstract_module` + :func:`from_flat`.
+    """
     state = nnx.state(module)
     variables = {tuple(p): v for p, v in nnx.to_flat_state(state)}
-    missing = sorted(".".join(map(str, p)) for p in variables if p not in flat)
-    unexpected = sorted(".".join(map(str, p)) for p in flat if p not in variables)
-    bad = [f"{'.'.join(map(str, p))}: got {tuple(np.shape(a))}, expected {tuple(variables[p][...].shape)}"
-           for p, a in flat.items() if p in variables and tuple(np.shape(a)) != tuple(variables[p][...].shape)]
-    if missing or unexpected or bad:
-        raise ValueError("parameters do not fit the model:\n"
-                         + "".join(f"  missing: {m}\n" for m in missing)
-                         + "".join(f"  unexpected: {u}\n" for u in unexpected)
-                         + "".join(f"  shape: {b}\n" for b in bad))
+    error = _fit_error({p: tuple(v[...].shape) for p, v in variables.items()}, flat)
+    if error:
+        raise ValueError(error)
     for p, var in variables.items():
         var[...] = jnp.asarray(flat[p], dtype=var[...].dtype)
     nnx.update(module, state)
