@@ -58,7 +58,7 @@ def _fit_error(shapes: Mapping[Path, tuple], flat: Mapping[Path, np.ndarray]) ->
             + "".join(f"  shape: {b}\n" for b in bad))
 
 
-def _variable_path(key_path: tuple) -> Path:
+def variable_path(key_path: tuple) -> Path:
     """A ``jax.tree_util`` key path inside an ``nnx.State`` -> the NNX variable path."""
     return tuple(k.key if isinstance(k, jax.tree_util.DictKey) else k.idx for k in key_path
                  if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey)))
@@ -76,7 +76,7 @@ def from_flat(abstract: M, flat: Mapping[Path, np.ndarray]) -> M:
     if error:
         raise ValueError(error)
     state = jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: jnp.asarray(flat[_variable_path(kp)], dtype=leaf.dtype), state)
+        lambda kp, leaf: jnp.asarray(flat[variable_path(kp)], dtype=leaf.dtype), state)
     return nnx.merge(graphdef, state)
 
 

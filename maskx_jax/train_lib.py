@@ -52,6 +52,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maskx_jax.optim import is_frozen, make_optimizer, make_schedule, parse_freeze, trainable_filter
+from maskx_jax.state_utils import variable_path
 from maskx_jax.types import Batch, Detections
 
 Array = jax.Array
@@ -339,17 +340,6 @@ def _default_model_fn(config: ml_collections.ConfigDict, num_classes: int, seed:
     return build_model(config, num_classes, seed=seed)
 
 
-def _nnx_path(key_path: tuple) -> tuple:
-    """A ``jax.tree_util`` key path inside an ``nnx.State`` -> the NNX variable path."""
-    out = []
-    for k in key_path:
-        if isinstance(k, jax.tree_util.DictKey):
-            out.append(k.key)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            out.append(k.idx)
-    return tuple(out)
-
-
 def _path_name(path: tuple) -> str:
     return ".".join(map(str, path))
 
@@ -461,7 +451,7 @@ class Trainer:
                 report["frozen_not_loaded"].append(name)
 
         def fill(key_path, leaf):
-            path = _nnx_path(key_path)
+            path = variable_path(key_path)
             name = _path_name(path)
             if path not in flat:
                 not_loaded(path, name)
