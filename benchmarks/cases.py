@@ -197,6 +197,9 @@ def _our_train_config(height: int, width: int, batch: int, mask_mode: str):
     c.train.optimizer = "sgd"
     c.train.lr = 0.02
     c.train.warmup_steps = 0
+    # class_specific is torchvision's architecture (no MLP fusion); transfer is Mask^X as in the paper
+    # (tau + MLP fusion), set A = every class so every positive gets a mask loss as in torchvision.
+    c.model.mlp_fusion = mask_mode == "transfer"
     if mask_mode == "transfer":
         c.data.set_a = "all"
     return c
@@ -229,12 +232,13 @@ def _our_batch(images, targets, config):
 
 
 def train(framework: str, height: int, width: int, batch: int = 2, instances: int = 8, repeats: int = 3,
-          mask_mode: str = "class_specific", max_mask_rois: int = 128) -> dict:
-    """``max_mask_rois``: maskx_jax's static mask-loss RoI slots per image (torchvision's cap is 128 = 25% of 512)."""
+          mask_mode: str = "class_specific", max_mask_rois: int = 128, mask_slot_buckets: tuple = (16, 32, 64)) -> dict:
+    """``max_mask_rois``: maskx_jax's mask-loss RoI slots per image (torchvision's cap is 128 = 25% of 512);
+    ``mask_slot_buckets``: the smaller slot counts the step may pick (() = always all of them)."""
     images = smooth_images(batch, height, width, seed=3)
     targets = train_targets(batch, height, width, instances, seed=4)
     row = {"height": height, "width": width, "batch": batch, "instances": instances, "mask_mode": mask_mode,
-           "max_mask_rois": max_mask_rois}
+           "max_mask_rois": max_mask_rois, "mask_slot_buckets": list(mask_slot_buckets)}
     if framework == "jax":
         import jax
 
@@ -243,6 +247,7 @@ def train(framework: str, height: int, width: int, batch: int = 2, instances: in
         isolate_jax()
         config = _our_train_config(height, width, batch, mask_mode)
         config.model.max_mask_rois_per_image = max_mask_rois
+        config.model.mask_slot_buckets = tuple(mask_slot_buckets)
         trainer = Trainer(config, COCO_CLASSES)
         state = trainer.init_state()
         data = trainer.global_batch(_our_batch(images, targets, config))

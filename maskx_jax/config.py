@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.box_nms_thresh = 0.5  # inference: per-class NMS IoU
     m.detections_per_img = 100  # inference: detections kept per image
     m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
+    m.mask_slot_buckets = (16, 32, 64)  # smaller mask-branch sizes picked per step when positives are few (exact)
     m.box_roi_size = 7  # RoIAlign output for the box head
     m.mask_roi_size = 14  # mask logits are 2x this (28x28)
     m.dtype = "float32"  # compute dtype of convs/FCs: float32 | bfloat16 (params, boxes, NMS and losses stay float32)
@@ -191,6 +192,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f"model.anchor_sizes must be 5 non-empty tuples (P2..P6) of positive sizes, got {m.anchor_sizes!r}")
     check(numbers(m.aspect_ratios) and len(m.aspect_ratios) >= 1,
           f"model.aspect_ratios must be a non-empty tuple of positive numbers, got {m.aspect_ratios!r}")
+    check(numbers(m.mask_slot_buckets, int) or len(m.mask_slot_buckets) == 0,
+          f"model.mask_slot_buckets must be a tuple of positive slot counts (or empty), got {m.mask_slot_buckets!r}")
     lr_steps_ok = numbers(t.lr_steps, int) or len(t.lr_steps) == 0
     check(lr_steps_ok, f"train.lr_steps must be a tuple of positive step numbers, got {t.lr_steps!r}")
     check(not lr_steps_ok or list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps must be increasing")

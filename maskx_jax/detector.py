@@ -9,7 +9,7 @@ inputs, so each jit-compiles once per input shape.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,9 @@ class DetectorConfig:
     roi_batch_size_per_image: int = 512
     roi_positive_fraction: float = 0.25
     max_mask_rois_per_image: int = 128
+    # Smaller mask-branch sizes chosen per step when every image has fewer supervised positives
+    # (exact: see MaskRCNN._mask_loss). () = always run all max_mask_rois_per_image slots.
+    mask_slot_buckets: tuple[int, ...] = (16, 32, 64)
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100
@@ -231,24 +234,68 @@ class MaskRCNN(nnx.Module):
         class_logits, box_deltas = self._box_outputs(box_feats)
         loss_cls, loss_box = box_losses(class_logits, box_deltas, samples, batch.gt_boxes)
 
-        # Mask branch on the first M slots, where the sampler puts the positives.
-        m = min(cfg.max_mask_rois_per_image, samples.rois.shape[1])
-        n, g = batch.gt_classes.shape
-        rois, pos, matched = samples.rois[:, :m], samples.is_pos[:, :m], samples.matched[:, :m]
-        take = lambda x: jnp.take_along_axis(x, matched, axis=1)  # noqa: E731
-        supervise = pos & take(batch.gt_has_mask) & take(batch.gt_valid)
-        labels = take(batch.gt_classes)
-        logits_m = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(rois)), labels.reshape(-1))
-        matched_boxes = jnp.take_along_axis(batch.gt_boxes, matched[..., None], axis=1)
-        flat_index = (matched + jnp.arange(n, dtype=jnp.int32)[:, None] * g).reshape(-1)
-        targets = mask_targets(rois.reshape(-1, 4), matched_boxes.reshape(-1, 4),
-                               batch.gt_masks.reshape(n * g, *batch.gt_masks.shape[2:]), flat_index,
-                               resolution=logits_m.shape[-1])
-        loss_m = mask_loss(logits_m, jax.lax.stop_gradient(targets), supervise.reshape(-1))
-
+        loss_m = self._mask_loss(pooled, samples, batch)
         parts = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn_box, "loss_classifier": loss_cls,
                  "loss_box_reg": loss_box, "loss_mask": loss_m}
         return sum(parts.values()), parts
+
+
+    def _mask_loss(self, pooled: list[Array], samples, batch: Batch) -> Array:
+        """Mask loss of the positive RoIs whose matched gt has a mask, on the gt class's channel.
+
+        The sampler puts the positives in the first M = ``max_mask_rois_per_image`` slots. Within
+        those, the supervised ones are moved to the front (stable), and the mask branch runs on the
+        first k slots, k the smallest of ``mask_slot_buckets`` (+ M) that holds every image's
+        supervised positives: chosen inside the step by ``lax.switch`` over one static-shape branch
+        per bucket. The loss equals the all-M-slots loss (the dropped slots have weight 0) while the
+        mask head, the costliest part of the step when positives are few, runs on k slots. Under
+        data parallelism the count is a max over the global batch (one all-reduce).
+        """
+        cfg = self.cfg
+        m = min(cfg.max_mask_rois_per_image, samples.rois.shape[1])
+        n, g = batch.gt_classes.shape
+        matched = samples.matched[:, :m]
+        per_slot = lambda x: jnp.take_along_axis(x, matched, axis=1)  # noqa: E731  (gt array -> slots)
+        supervise = samples.is_pos[:, :m] & per_slot(batch.gt_has_mask) & per_slot(batch.gt_valid)
+        order = jnp.argsort(~supervise, axis=1, stable=True)  # supervised slots first
+        matched = jnp.take_along_axis(matched, order, axis=1)
+        supervise = jnp.take_along_axis(supervise, order, axis=1)
+        rois = jnp.take_along_axis(samples.rois[:, :m], order[..., None], axis=1)
+        labels = per_slot(batch.gt_classes)  # with the reordered ``matched``
+        matched_boxes = jnp.take_along_axis(batch.gt_boxes, matched[..., None], axis=1)
+        flat_gt = (matched + jnp.arange(n, dtype=jnp.int32)[:, None] * g)
+        crops = batch.gt_masks.reshape(n * g, *batch.gt_masks.shape[2:])
+
+        def branch(k: int) -> Callable[[], Array]:
+            # Rematerialised: lax.switch keeps every branch's backward residuals (zero-filled for the
+            # branches not taken), ~0.3 GiB of memset per step at 128 slots; with jax.checkpoint the
+            # residuals are the branch inputs, which exist anyway, and the taken branch's forward
+            # is recomputed in the backward pass.
+            @jax.checkpoint
+            def loss() -> Array:
+                logits = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(rois[:, :k])),
+                                          labels[:, :k].reshape(-1))
+                targets = mask_targets(rois[:, :k].reshape(-1, 4), matched_boxes[:, :k].reshape(-1, 4), crops,
+                                       flat_gt[:, :k].reshape(-1), resolution=logits.shape[-1])
+                return mask_loss(logits, jax.lax.stop_gradient(targets), supervise[:, :k].reshape(-1))
+            return loss
+
+        sizes = mask_slot_sizes(m, cfg.mask_slot_buckets)
+        if len(sizes) == 1:
+            return branch(m)()
+        return jax.lax.switch(mask_slot_index(supervise, sizes), [branch(k) for k in sizes])
+
+
+def mask_slot_sizes(max_slots: int, buckets: Sequence[int]) -> tuple[int, ...]:
+    """The static slot counts the mask branch is compiled for: the buckets below ``max_slots``, then it."""
+    return tuple(sorted({int(b) for b in buckets if 0 < int(b) < max_slots})) + (max_slots,)
+
+
+def mask_slot_index(supervise: Array, sizes: Sequence[int]) -> Array:
+    """Index into ``sizes`` (increasing, last = all slots) of the smallest slot count that holds every
+    image's supervised positives. supervise: [N, M] bool -> int32 scalar."""
+    need = jnp.max(jnp.sum(supervise, axis=1)).astype(jnp.int32)
+    return jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need, side="left").astype(jnp.int32)
 
 
 def build_detector(cfg: DetectorConfig, seed: int = 0) -> MaskRCNN:

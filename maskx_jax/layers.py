@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maskx_jax.conv import conv2d
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -123,14 +125,7 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """x: [N, H, W, in] -> [N, H', W', out]."""
-        p = self.padding
-        y = jax.lax.conv_general_dilated(
-            x,
-            self.kernel[...].astype(x.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = conv2d(x, self.kernel[...].astype(x.dtype), self.stride, self.padding)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y

@@ -75,7 +75,7 @@ INFERENCE_ONLY_MODEL_KEYS = frozenset({
     "model.box_nms_thresh", "model.detections_per_img",
 })
 # Model keys that change how a step computes, not what is saved: a run may resume with another value.
-COMPUTE_ONLY_MODEL_KEYS = frozenset({"model.dtype"})
+COMPUTE_ONLY_MODEL_KEYS = frozenset({"model.dtype", "model.mask_slot_buckets"})
 # Data keys that decide the class list (num_classes) and which classes have mask supervision.
 ARCHITECTURE_DATA_KEYS = frozenset({"data.source", "data.set_a", "data.mask_supervision"})
 # Train keys that decide which variables are trainable (``TrainState.params``) and which are not

@@ -1,0 +1,92 @@
+"""conv2d's spelled-out gradients (used on CPU so convolutions stay fast inside lax.switch) equal
+JAX's own, and the XLA:CPU flag maskx_jax sets at import is applied only when it is safe."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskx_jax import xla_cpu
+from maskx_jax.conv import canonical_gradients, conv2d
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _reference(x, k, stride, padding):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), ((padding, padding),) * 2, dimension_numbers=DN)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (1, 1, 0), (3, 1, 0), (3, 1, 2), (5, 1, 2),
+                                                     (3, 2, 1), (1, 2, 0), (7, 2, 3)])
+def test_conv2d_value_and_gradients_equal_jax(kernel, stride, padding):
+    rng = np.random.default_rng(kernel * 10 + stride + padding)
+    x = jnp.asarray(rng.standard_normal((3, 11, 9, 6), np.float32))
+    k = jnp.asarray(rng.standard_normal((kernel, kernel, 6, 5), np.float32))
+    ours = jax.jit(lambda x, k: conv2d(x, k, stride, padding))
+    ref = jax.jit(lambda x, k: _reference(x, k, stride, padding))
+    y, y_ref = ours(x, k), ref(x, k)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+    gx, gk = jax.jit(lambda x, k: jax.vjp(lambda a, b: conv2d(a, b, stride, padding), x, k)[1](g))(x, k)
+    gx_ref, gk_ref = jax.jit(lambda x, k: jax.vjp(lambda a, b: _reference(a, b, stride, padding), x, k)[1](g))(x, k)
+    for a, b in ((gx, gx_ref), (gk, gk_ref)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_conv2d_gradients_inside_a_switch_equal_outside():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 7, 7, 16), np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 16, 16), np.float32) * 0.1)
+
+    def loss(k, n):
+        return jnp.sum(jax.nn.relu(conv2d(x[:n], k, 1, 1)) ** 2)
+
+    outside = jax.jit(jax.grad(lambda k: loss(k, 4)))(k)
+    inside = jax.jit(jax.grad(lambda k, i: jax.lax.switch(i, [lambda: loss(k, 4), lambda: loss(k, 8)])))(k, 0)
+    np.testing.assert_allclose(np.asarray(inside), np.asarray(outside), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_gradients_keep_their_dtypes():
+    x = jnp.ones((2, 5, 5, 4), jnp.bfloat16)
+    k = jnp.ones((3, 3, 4, 4), jnp.bfloat16)
+    gx, gk = jax.grad(lambda x, k: conv2d(x, k, 1, 1).astype(jnp.float32).sum(), argnums=(0, 1))(x, k)
+    assert gx.dtype == jnp.bfloat16 and gk.dtype == jnp.bfloat16
+    assert float(gk[1, 1, 0, 0]) == 50.0  # the centre tap sees all 2 x 5 x 5 positions
+
+
+def test_canonical_gradients_only_on_cpu():
+    assert canonical_gradients("cpu") and not canonical_gradients("gpu") and not canonical_gradients("tpu")
+
+
+def _flags_after_import(env_extra: dict, first: str = "import maskx_jax") -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT_ENV)}
+    env.update(env_extra)
+    code = f"{first}; import os; print('FLAGS=' + os.environ.get('XLA_FLAGS', ''))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [ln for ln in out.stdout.splitlines() if ln.startswith("FLAGS=")][-1][len("FLAGS="):]
+
+
+@pytest.mark.skipif(xla_cpu._jaxlib_version() not in xla_cpu.VERIFIED_JAXLIB,
+                    reason="the flag is only applied on verified jaxlib versions (tested below)")
+def test_import_adds_the_cpu_flag_next_to_the_users_flags():
+    flags = _flags_after_import({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert flags.split() == ["--xla_force_host_platform_device_count=2", xla_cpu.FLAG]
+
+
+def test_the_flag_is_not_added_when_opted_out_set_by_the_user_or_too_late():
+    assert _flags_after_import({xla_cpu.OPT_OUT_ENV: "0"}) == ""
+    theirs = f"{xla_cpu.FLAG_NAME}=+LIBRARY_FUSION_TYPE_DOT"
+    assert _flags_after_import({"XLA_FLAGS": theirs}) == theirs
+    assert _flags_after_import({}, first="import jax; jax.devices(); import maskx_jax") == ""
+
+
+def test_the_flag_is_not_added_on_an_unverified_jaxlib(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: (99, 0))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla_cpu.apply_cpu_defaults() is False and "XLA_FLAGS" not in os.environ

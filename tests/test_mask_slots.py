@@ -1,0 +1,75 @@
+"""The mask branch runs on the smallest slot bucket that holds every image's supervised positives:
+the loss and every gradient must equal the static all-slots branch, whichever bucket is taken."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maskx_jax.detector import MaskRCNN, mask_slot_index, mask_slot_sizes
+from tests.model_utils import synthetic_batch, tiny_config
+
+
+def test_slot_sizes_keep_buckets_below_the_cap_then_the_cap():
+    assert mask_slot_sizes(128, (64, 16, 32)) == (16, 32, 64, 128)
+    assert mask_slot_sizes(32, (16, 32, 64)) == (16, 32)
+    assert mask_slot_sizes(8, ()) == (8,)
+    assert mask_slot_sizes(8, (0, 8, 100)) == (8,)
+
+
+@pytest.mark.parametrize("counts, expected", [((0, 0), 0), ((3, 1), 0), ((4, 0), 0), ((2, 5), 1),
+                                              ((16, 16), 2), ((17, 3), 3), ((32, 32), 3)])
+def test_slot_index_is_the_smallest_bucket_holding_the_largest_count(counts, expected):
+    sizes = (4, 8, 16, 32)
+    supervise = np.zeros((len(counts), 32), bool)
+    for i, c in enumerate(counts):  # supervised slots anywhere among the 32: only the count matters
+        supervise[i, np.random.default_rng(i).permutation(32)[:c]] = True
+    assert int(mask_slot_index(jnp.asarray(supervise), sizes)) == expected
+
+
+def _loss_and_grads(cfg, batch):
+    model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        total, parts = nnx.merge(graphdef, p, rest).losses(batch, jax.random.key(3))
+        return total, parts
+
+    (total, parts), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return total, parts, grads
+
+
+@pytest.mark.parametrize("has_mask", ["all", "first_only"], ids=["all_supervised", "partly_supervised"])
+def test_bucketed_mask_branch_equals_the_static_one(has_mask):
+    # 8 slots per image; buckets 1..7 so that the step takes a smaller branch whatever the count.
+    mask = None if has_mask == "all" else np.array([[True, False, False, False]] * 2)
+    batch = synthetic_batch(seed=1, has_mask=mask)
+    t0, p0, g0 = _loss_and_grads(tiny_config(mask_mode="class_specific", mlp_fusion=False, mask_slot_buckets=()),
+                                 batch)
+    t1, p1, g1 = _loss_and_grads(tiny_config(mask_mode="class_specific", mlp_fusion=False,
+                                             mask_slot_buckets=(1, 2, 3, 4, 5, 6, 7)), batch)
+    assert float(p0["loss_mask"]) > 0
+    for k in p0:
+        np.testing.assert_allclose(float(p1[k]), float(p0[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(float(t1), float(t0), rtol=1e-6)
+    flat0, flat1 = jax.tree.leaves_with_path(g0), jax.tree.leaves(g1)
+    changed = 0
+    for (path, a), b in zip(flat0, flat1):
+        scale = float(jnp.max(jnp.abs(a))) or 1.0
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+        changed += "mask" in jax.tree_util.keystr(path) and scale > 0
+    assert changed >= 4  # the mask head's gradients are really compared, not all zero
+
+
+def test_the_switch_is_in_the_step_only_when_a_bucket_is_below_the_cap():
+    batch = synthetic_batch(seed=1)
+
+    def has_cond(buckets):
+        cfg = tiny_config(mask_slot_buckets=buckets)
+        model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).losses(batch, jax.random.key(0))[0])(state)
+        return "cond[" in str(jaxpr) or " cond " in str(jaxpr)
+
+    assert has_cond((2, 4)) and not has_cond(()) and not has_cond((8, 16))
