@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maskx_jax.box_head import FastRCNNPredictor, TwoMLPHead, box_losses, detect_boxes, sample_rois
+from maskx_jax.box_head import (FastRCNNPredictor, RoISamples, TwoMLPHead, box_losses, detect_boxes,
+                                 sample_rois)
 from maskx_jax.fpn import ResNetFPN
 from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss,
                                  mask_targets)
@@ -239,8 +240,7 @@ class MaskRCNN(nnx.Module):
                  "loss_box_reg": loss_box, "loss_mask": loss_m}
         return sum(parts.values()), parts
 
-
-    def _mask_loss(self, pooled: list[Array], samples, batch: Batch) -> Array:
+    def _mask_loss(self, pooled: list[Array], samples: RoISamples, batch: Batch) -> Array:
         """Mask loss of the positive RoIs whose matched gt has a mask, on the gt class's channel.
 
         The sampler puts the positives in the first M = ``max_mask_rois_per_image`` slots. Within
@@ -267,11 +267,6 @@ class MaskRCNN(nnx.Module):
         crops = batch.gt_masks.reshape(n * g, *batch.gt_masks.shape[2:])
 
         def branch(k: int) -> Callable[[], Array]:
-            # Rematerialised: lax.switch keeps every branch's backward residuals (zero-filled for the
-            # branches not taken), ~0.3 GiB of memset per step at 128 slots; with jax.checkpoint the
-            # residuals are the branch inputs, which exist anyway, and the taken branch's forward
-            # is recomputed in the backward pass.
-            @jax.checkpoint
             def loss() -> Array:
                 logits = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(rois[:, :k])),
                                           labels[:, :k].reshape(-1))
@@ -283,7 +278,11 @@ class MaskRCNN(nnx.Module):
         sizes = mask_slot_sizes(m, cfg.mask_slot_buckets)
         if len(sizes) == 1:
             return branch(m)()
-        return jax.lax.switch(mask_slot_index(supervise, sizes), [branch(k) for k in sizes])
+        # Rematerialised branches: lax.switch keeps every branch's backward residuals (zero-filled for
+        # the branches not taken), ~0.3 GiB of memset per step at 128 slots; with jax.checkpoint the
+        # residuals are the branch inputs, which exist anyway, and the taken branch's forward is
+        # recomputed in the backward pass.
+        return jax.lax.switch(mask_slot_index(supervise, sizes), [jax.checkpoint(branch(k)) for k in sizes])
 
 
 def mask_slot_sizes(max_slots: int, buckets: Sequence[int]) -> tuple[int, ...]:
