@@ -56,10 +56,13 @@ def _compare(one: dict, eight: dict) -> None:
     for k in params:
         a, b, init = one[k], eight[k], one["init/" + k[len("param/"):]]
         np.testing.assert_array_equal(init, eight["init/" + k[len("param/"):]], err_msg=f"init differs: {k}")
-        # the updated parameters, relative to their size ...
-        assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(a), 1e-12), k
-        # ... and the update itself (a wrong gradient reduction, e.g. a sum over devices, fails here)
+        # the updated parameters, relative to their size plus summation-order noise of the update
+        # (a zero-initialised bias *is* its update after one step; its gradient is a sum with
+        # cancellation, which XLA:CPU's convolutions give to ~1e-4 relative in another order:
+        # 7e-5 measured for the mask-head biases) ...
         du, dv = a - init, b - init
+        assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(a), 1e-12) + 2e-4 * np.linalg.norm(du), k
+        # ... and the update itself (a wrong gradient reduction, e.g. a sum over devices, fails here)
         if np.linalg.norm(du) > 0:
             moved += 1
             assert np.linalg.norm(du - dv) <= 1e-3 * np.linalg.norm(du), k

@@ -134,7 +134,6 @@ def tiny_config(data_dir: str, **train):
     m.rpn_batch_size_per_image = 32
     m.roi_batch_size_per_image = 16
     m.max_mask_rois_per_image = 8
-    m.mask_slot_buckets = (2, 4)  # exercise the slot switch (and its max over the sharded batch)
     m.detections_per_img = 10
     m.mlp_fusion = False  # its 25088 x 784 FC would dominate the toy model's size
     m.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
@@ -187,6 +186,7 @@ def _worker(argv):
     # No warmup, so the very first step moves the parameters by a full lr * gradient.
     if kind == "real":
         cfg = real_model_config(warmup_steps=0)
+        cfg.model.mask_slot_buckets = (2, 4)  # the slot switch and its max over the sharded batch
         trainer = train_lib.Trainer(cfg, NUM_CLASSES)
         batch_fn = real_batch
     else:
