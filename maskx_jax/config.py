@@ -192,7 +192,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f"model.anchor_sizes must be 5 non-empty tuples (P2..P6) of positive sizes, got {m.anchor_sizes!r}")
     check(numbers(m.aspect_ratios) and len(m.aspect_ratios) >= 1,
           f"model.aspect_ratios must be a non-empty tuple of positive numbers, got {m.aspect_ratios!r}")
-    check(numbers(m.mask_slot_buckets, int) or len(m.mask_slot_buckets) == 0,
+    check(numbers(m.mask_slot_buckets, int) or m.mask_slot_buckets in ((), []),
           f"model.mask_slot_buckets must be a tuple of positive slot counts (or empty), got {m.mask_slot_buckets!r}")
     lr_steps_ok = numbers(t.lr_steps, int) or len(t.lr_steps) == 0
     check(lr_steps_ok, f"train.lr_steps must be a tuple of positive step numbers, got {t.lr_steps!r}")

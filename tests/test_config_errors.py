@@ -23,6 +23,8 @@ CASES = {
     "wrong_type_bool": (["--config.model.aligned=maybe"], "flag --config.model.aligned=maybe:"),
     "wrong_type_tuple": (["--config.model.anchor_sizes=abc"],
                          "model.anchor_sizes must be 5 non-empty tuples (P2..P6) of positive sizes"),
+    "bad_buckets": (["--config.model.mask_slot_buckets=(16,-1)"],
+                    "model.mask_slot_buckets must be a tuple of positive slot counts (or empty), got (16, -1)"),
     "bad_value": (["--config.model.depth=19"], "model.depth must be 18, 34, 50 or 101, got 19"),
     "transfer_without_set_a": (["--config.data.set_a="], "model.mask_mode=transfer needs a non-empty data.set_a"),
     "set_a_unknown_class": (["--config.data.set_a=disk,unicorn,square"],
