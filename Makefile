@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[torch,test,tfds]'
 	@touch $(STAMP)
 
+# Test files run in parallel, one file per worker (module-scoped compiled fixtures stay shared within
+# a file). TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m maskx_jax.demo --workdir runs/demo
