@@ -11,6 +11,8 @@ Cases, maskx_jax ("jax") and torchvision ("torch") on the same weights and input
     ``roi_align`` kernel).
   * ``inference``: uint8 images -> detections with masks pasted at the image size (torchvision's
     ``model(images)`` end to end; maskx_jax ``preprocess`` + jitted ``predict`` + jitted paste).
+  * ``kernels``: float32 GFLOP/s of single convolutions / matrix products at training-step sizes
+    (forward, input gradient, filter gradient): the ceiling the train row works under.
   * ``train``: one optimisation step (forward, losses, backward, SGD update) of Mask R-CNN R50-FPN
     (frozen BN, stem + layer1 frozen as torchvision's default), batch 2, 8 instances per image.
 Compile time (maskx_jax's ahead-of-time ``lower().compile()``) is reported separately from run time.
@@ -232,7 +234,7 @@ def _our_batch(images, targets, config):
 
 
 def train(framework: str, height: int, width: int, batch: int = 2, instances: int = 8, repeats: int = 3,
-          mask_mode: str = "class_specific", max_mask_rois: int = 128, mask_slot_buckets: tuple = (16, 32, 64)) -> dict:
+          mask_mode: str = "class_specific", max_mask_rois: int = 128, mask_slot_buckets: tuple = (8, 16, 32, 64)) -> dict:
     """``max_mask_rois``: maskx_jax's mask-loss RoI slots per image (torchvision's cap is 128 = 25% of 512);
     ``mask_slot_buckets``: the smaller slot counts the step may pick (() = always all of them)."""
     images = smooth_images(batch, height, width, seed=3)
@@ -320,4 +322,90 @@ def _torch_mask_rois(model, fn) -> int:
     return sum(seen)
 
 
-CASES = {"matmul_peak": matmul_peak, "roi_align": roi_align, "inference": inference, "train": train}
+# --------------------------------------------------------------------------------------- kernels
+
+# (name, x shape NHWC, kernel size, out channels, what it is in Mask R-CNN R50-FPN at 512 x 512, batch 2).
+KERNELS: tuple[tuple[str, tuple[int, int, int, int], int, int, str], ...] = (
+    ("conv3x3", (64, 14, 14, 256), 3, 256, "mask head, 32 RoIs/image"),
+    ("conv3x3", (2, 128, 128, 256), 3, 256, "FPN output / RPN conv at P2"),
+    ("conv1x1", (2, 128, 128, 256), 1, 128, "layer2.0.conv1 (layer1 output in)"),
+    ("conv1x1", (2, 32, 32, 1024), 1, 256, "a layer3 block's conv1"),
+    ("matmul", (1024, 12544, 1, 1), 1, 1024, "box head fc6, 512 RoIs/image"),
+)
+
+
+SMOKE_KERNELS = (("conv3x3", (2, 6, 6, 8), 3, 8, "toy"), ("conv1x1", (2, 6, 6, 8), 1, 4, "toy"),
+                 ("matmul", (8, 16, 1, 1), 1, 4, "toy"))
+
+
+def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
+    """Single-op float32 throughput of the costliest kernels of a training step: forward, the input
+    gradient and the filter gradient, GFLOP/s. maskx_jax goes through ``maskx_jax.conv.conv2d`` (the
+    path its layers take, gradients included); torchvision's model calls ``torch.nn.functional``.
+    What the training row can reach is bounded by these: equal FLOPs at lower kernel throughput."""
+    rng = np.random.default_rng(0)
+    row = {"kernels": []}
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from maskx_jax.conv import conv2d
+
+        isolate_jax()
+    else:
+        import torch
+        import torch.nn.functional as F
+    for name, shape, k, cout, what in (SMOKE_KERNELS if smoke else KERNELS):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        cin = shape[-1] if name != "matmul" else shape[1]
+        w = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
+        if name == "matmul":
+            x, w = x[:, :, 0, 0], w[0, 0]
+            flops = 2 * x.shape[0] * cin * cout
+        else:
+            flops = 2 * int(np.prod(shape[:3])) * cin * cout * k * k
+        if framework == "jax":
+            fwd = (lambda a, b: a @ b) if name == "matmul" else (lambda a, b, p=k // 2: conv2d(a, b, 1, p))
+            xj, wj = jnp.asarray(x), jnp.asarray(w)
+            gj = jnp.asarray(rng.standard_normal(jax.eval_shape(fwd, xj, wj).shape, dtype=np.float32))
+            fns = {"forward": jax.jit(fwd),
+                   "input_grad": jax.jit(lambda a, b, g: jax.vjp(lambda a_: fwd(a_, b), a)[1](g)[0]),
+                   "filter_grad": jax.jit(lambda a, b, g: jax.vjp(lambda b_: fwd(a, b_), b)[1](g)[0])}
+            calls = {"forward": lambda f: f(xj, wj), "input_grad": lambda f: f(xj, wj, gj),
+                     "filter_grad": lambda f: f(xj, wj, gj)}
+            times = {m: timed(lambda f=f, m=m: jax.block_until_ready(calls[m](f)), repeats, warmup=2)
+                     for m, f in fns.items()}
+        else:
+            if name == "matmul":
+                xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+                fwd = lambda a, b: a @ b  # noqa: E731
+            else:
+                xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+                wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+                fwd = lambda a, b, p=k // 2: F.conv2d(a, b, padding=p)  # noqa: E731
+            with torch.no_grad():
+                gt = torch.randn_like(fwd(xt, wt))
+
+            def grad_of(wrt_input: bool):
+                a, b = xt.clone().requires_grad_(wrt_input), wt.clone().requires_grad_(not wrt_input)
+                return lambda: torch.autograd.grad(fwd(a, b), a if wrt_input else b, gt)
+
+            def forward():
+                with torch.no_grad():
+                    fwd(xt, wt)
+
+            # The gradient timings include the forward that autograd needs: subtract the forward median.
+            times = {"forward": timed(forward, repeats, warmup=2),
+                     "input_grad": timed(grad_of(True), repeats, warmup=2),
+                     "filter_grad": timed(grad_of(False), repeats, warmup=2)}
+            for m in ("input_grad", "filter_grad"):
+                times[m]["forward_included_s"] = times[m]["median_s"]
+                times[m]["median_s"] = max(times[m]["median_s"] - times["forward"]["median_s"], 1e-9)
+        row["kernels"].append({"name": name, "shape": list(shape), "k": k, "out": cout, "what": what,
+                               "gflop": flops / 1e9, **times})
+    row["peak_rss_mib"] = peak_rss_mib()
+    return row
+
+
+CASES = {"matmul_peak": matmul_peak, "roi_align": roi_align, "inference": inference, "train": train,
+         "kernels": kernels}

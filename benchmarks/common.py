@@ -67,7 +67,7 @@ def isolate_jax() -> None:
 def environment() -> dict:
     """Versions and machine facts recorded beside every benchmark table."""
     info = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "processor": _cpu_model()}
+            "processor": _cpu_model(), "date": time.strftime("%Y-%m-%d")}
     try:
         import jax
 

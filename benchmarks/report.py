@@ -61,6 +61,15 @@ def _gflop(j: dict, t: dict | None) -> str:
     return f"{ours} / {theirs}"
 
 
+def _ladder(rows: list[dict]) -> str:
+    """The slot counts the (default) bucketed train rows could pick, e.g. '8/16/32/64/128'."""
+    for r in rows:
+        if r.get("case") == "train" and r.get("framework") == "jax" and _switched(r):
+            m = r.get("max_mask_rois", 128)
+            return "/".join(str(b) for b in sorted({int(b) for b in r["mask_slot_buckets"] if b < m} | {m}))
+    return "128"
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     env = result.get("environment", {})
@@ -69,7 +78,28 @@ def markdown(result: dict) -> str:
     out = [f"Machine: {env.get('processor', '?')}, {env.get('cpu_count', '?')} cores; jax {env.get('jax', '?')} "
            f"({env.get('backend', '?')}), torch {env.get('torch', '?')} / torchvision {env.get('torchvision', '?')} "
            f"({env.get('torch_threads', '?')} threads). Medians after warm-up; speed-up = torchvision time / "
-           f"maskx_jax time in the same run. float32 matmul peak (JAX, measured): {_f(peak, '{:.0f}')} GFLOP/s.", ""]
+           f"maskx_jax time in the same run. float32 matmul peak (JAX, measured): {_f(peak, '{:.0f}')} GFLOP/s."]
+    kept = sorted({(r["case"], r["measured"]) for r in rows if "measured" in r})
+    if kept:
+        out[-1] += " Kept from an earlier run (`--only` re-measured the rest): " + ", ".join(
+            f"{case} ({date})" for case, date in kept) + "."
+    out.append("")
+
+    out += ["**Kernels** (float32, one op at training-step sizes, GFLOP/s; the gradients without the forward):", "",
+            "| op | input | what | forward (jax / torch) | input grad (jax / torch) | filter grad (jax / torch) |",
+            "|---|---|---|---|---|---|"]
+    found = {r.get("framework"): r for r in rows if r.get("case") == "kernels"}
+    j, t = found.get("jax"), found.get("torch")
+    if _err(j) or _err(t):
+        out.append(f"| {_err(j) or _err(t)} | | | | | |")
+    elif j and t:
+        for kj, kt in zip(j["kernels"], t["kernels"]):
+            rates = [f"{kj['gflop'] / kj[m]['median_s']:.0f} / {kt['gflop'] / kt[m]['median_s']:.0f}"
+                     for m in ("forward", "input_grad", "filter_grad")]
+            shape = "x".join(str(d) for d in kj["shape"] if kj["name"] != "matmul" or d != 1)
+            op = kj["name"] if kj["name"] == "matmul" else f"{kj['name']} -> {kj['out']}"
+            out.append(f"| {op} | {shape} | {kj['what']} | " + " | ".join(rates) + " |")
+    out.append("")
 
     out += ["**FPN RoIAlign** (P2-P5 of 800x1344, batch 2, 512 RoIs/image, 256 channels, sampling 2):", "",
             "| output | forward ms (jax / torch) | speed-up | forward+backward ms (jax / torch) | speed-up | "
@@ -98,7 +128,7 @@ def markdown(result: dict) -> str:
                    f"{_gflop(j, t)} | {_util(j, peak, j['batch'])} |")
 
     out += ["", "**Training step** (Mask R-CNN R50-FPN, frozen BN, stem + layer1 frozen, SGD, batch 2, 8 instances/image, "
-            "512 RoIs/image; maskx_jax runs the mask head on the smallest of 16/32/64/128 slots per image that holds "
+            f"512 RoIs/image; maskx_jax runs the mask head on the smallest of {_ladder(rows)} slots per image that holds "
             "every image's supervised positives (exact; picked inside the step), torchvision on its positives; "
             "'all 128 slots' = the static mask branch; 'transfer' = Mask^X with tau + MLP fusion. XLA's cost "
             "analysis adds up every branch of the slot switch, so GFLOP and utilisation are given for the static "

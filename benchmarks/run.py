@@ -33,12 +33,14 @@ def plan(quick: bool, only: set[str] | None, smoke: bool = False) -> list[dict]:
     driver this way so the benchmark code cannot rot); its figures mean nothing.
     """
     if smoke:
-        return [{"case": "matmul_peak", "n": 128, "repeats": 1}] + [
-            {"case": "roi_align", "framework": fw, "out": 7, "rois": 16, "channels": 8, "repeats": 1}
-            for fw in ("jax", "torch")]
+        specs = [{"case": "matmul_peak", "n": 128, "repeats": 1}]
+        specs += [{"case": "kernels", "framework": fw, "repeats": 1, "smoke": True} for fw in ("jax", "torch")]
+        specs += [{"case": "roi_align", "framework": fw, "out": 7, "rois": 16, "channels": 8, "repeats": 1}
+                  for fw in ("jax", "torch")]
+        return [s for s in specs if only is None or s["case"] in only]
     sizes = SIZES[1:] if quick else SIZES
     reps = 2 if quick else 3
-    specs = [{"case": "matmul_peak"}]
+    specs = [{"case": "matmul_peak"}] + [{"case": "kernels", "framework": fw} for fw in ("jax", "torch")]
     for out in (7, 14):
         specs += [{"case": "roi_align", "framework": fw, "out": out, "repeats": 3 if quick else 5}
                   for fw in ("jax", "torch")]
@@ -76,6 +78,17 @@ def run_case(spec: dict, timeout_s: float) -> dict:
     return {**spec, **json.loads(lines[-1]), "wall_s": wall}
 
 
+def _kept_rows(json_path: str, only: set[str]) -> list[dict]:
+    """Rows of the cases an ``--only`` run does not measure, from the existing results (each keeps the
+    date it was measured), so that re-measuring one case does not drop the others' tables."""
+    if not os.path.isfile(json_path):
+        return []
+    with open(json_path) as f:
+        previous = json.load(f)
+    date = previous.get("environment", {}).get("date") or "an earlier run"
+    return [{"measured": date, **r} for r in previous.get("rows", []) if r.get("case") not in only]
+
+
 def _describe(spec: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in spec.items() if k != "repeats")
 
@@ -84,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="512 x 512 only, fewer repeats")
     p.add_argument("--smoke", action="store_true", help="toy sizes of the cheap cases (a test of this script)")
-    p.add_argument("--only", default="", help="comma-separated case names: matmul_peak,roi_align,inference,train")
+    p.add_argument("--only", default="", help="comma-separated case names: matmul_peak,kernels,roi_align,inference,"
+                   "train; the other cases' rows are kept from the existing bench.json")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -107,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(row.get("error") or f"done in {row['wall_s']:.0f} s", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    result = {"environment": environment(), "quick": args.quick, "smoke": args.smoke, "rows": rows}
     json_path = os.path.join(args.out, "bench.json")
     md_path = os.path.join(args.out, "bench.md")
+    kept = _kept_rows(json_path, only) if only else []
+    if kept:
+        print(f"kept from the previous {json_path}: {len(kept)} rows of cases not run now")
+    result = {"environment": environment(), "quick": args.quick, "smoke": args.smoke, "rows": kept + rows}
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)

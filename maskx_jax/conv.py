@@ -10,8 +10,9 @@ convolutions spell their gradients out in the canonical form with a custom VJP. 
 the ones XLA computes itself (bitwise equal on CPU in the tests), at the same speed outside
 control flow.
 
-The custom VJP covers stride-1 convolutions (every mask-head, FPN-output and RPN convolution);
-strided ones keep JAX's own gradient. Other platforms always use JAX's own gradient.
+The custom VJP covers stride-1 convolutions (every mask-head, FPN, RPN and ResNet 1x1 convolution;
+strided 1x1 ones are subsampled first); its 1x1 filter gradient is a matrix product. Strided 3x3/7x7
+convolutions keep JAX's own gradient. Other platforms always use JAX's own gradient.
 """
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def _conv_s1_bwd(padding: int, residuals, g: Array):
     k = kernel.shape[0]
     # d/dx: full correlation of g with the spatially flipped kernel, in/out channels swapped.
     gx = _conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1, k - 1 - padding)
+    if k == 1 and padding == 0:
+        # 1x1: d/dkernel[0, 0] = x^T g over every pixel, a plain matrix product. As a convolution (below)
+        # XLA:CPU would first transpose x to [in, H, W, N], an elementwise copy with N innermost that ran
+        # at well under 1 GB/s on the backbone's activations.
+        gk = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))[None, None]
+        return gx.astype(x.dtype), gk.astype(kernel.dtype)
     # d/dkernel[a, b, i, o] = sum_{n,h,w} x_pad[n, h + a, w + b, i] g[n, h, w, o]: a convolution with
     # batch = input channels, feature = images, window = the output map -> [in, kh, kw, out].
     gk = _conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), 1, padding).transpose(1, 2, 0, 3)
@@ -61,6 +68,13 @@ def canonical_gradients(platform: str | None = None) -> bool:
 def conv2d(x: Array, kernel: Array, stride: int = 1, padding: int = 0) -> Array:
     """torch ``conv2d`` with symmetric zero padding: x [N, H, W, I], kernel [kh, kw, I, O] -> [N, H', W', O]."""
     k = kernel.shape[0]
-    if stride == 1 and kernel.shape[1] == k and 0 <= padding <= k - 1 and canonical_gradients():
+    if not canonical_gradients() or kernel.shape[1] != k:
+        return _conv(x, kernel, stride, padding)
+    if k == 1 and padding == 0 and stride > 1:
+        # A strided 1x1 convolution (ResNet's downsample) reads every stride-th pixel: subsample, then
+        # the stride-1 path (same products and sums; XLA's own filter gradient for it is a dilated
+        # convolution behind a slow transpose of the activations).
+        x, stride = x[:, ::stride, ::stride, :], 1
+    if stride == 1 and 0 <= padding <= k - 1:
         return _conv_s1(x, kernel, padding)
     return _conv(x, kernel, stride, padding)

@@ -67,7 +67,7 @@ class DetectorConfig:
     max_mask_rois_per_image: int = 128
     # Smaller mask-branch sizes chosen per step when every image has fewer supervised positives
     # (exact: see MaskRCNN._mask_loss). () = always run all max_mask_rois_per_image slots.
-    mask_slot_buckets: tuple[int, ...] = (16, 32, 64)
+    mask_slot_buckets: tuple[int, ...] = (8, 16, 32, 64)
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100

@@ -20,14 +20,29 @@ def test_bench_driver_measures_both_frameworks_and_writes_tables(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["case"], r.get("framework")): r for r in result["rows"]}
-    assert set(rows) == {("matmul_peak", None), ("roi_align", "jax"), ("roi_align", "torch")}
+    assert set(rows) == {("matmul_peak", None), ("kernels", "jax"), ("kernels", "torch"), ("roi_align", "jax"),
+                         ("roi_align", "torch")}
     assert rows[("matmul_peak", None)]["gflops"] > 0
     for fw in ("jax", "torch"):
         r = rows[("roi_align", fw)]
         assert r["forward"]["median_s"] > 0 and r["forward_backward"]["median_s"] > 0 and r["peak_rss_mib"] > 0
+        ops = rows[("kernels", fw)]["kernels"]
+        assert [k["name"] for k in ops] == ["conv3x3", "conv1x1", "matmul"]
+        assert all(k[m]["median_s"] > 0 for k in ops for m in ("forward", "input_grad", "filter_grad"))
     assert rows[("roi_align", "jax")]["xla"]["flops"] > 0
     table = (tmp_path / "bench.md").read_text()
-    assert "| 7x7 |" in table and "GFLOP/s" in table and "error" not in table
+    assert "| 7x7 |" in table and "| conv3x3 -> 8 | 2x6x6x8 |" in table and "GFLOP/s" in table
+    assert "error" not in table and "Kept from an earlier run" not in table
+
+    # --only re-measures one case and keeps the other cases' rows (marked with their date) and tables.
+    proc = _run(["benchmarks/run.py", "--smoke", "--only", "matmul_peak"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert sorted((r["case"], r.get("framework"), "measured" in r) for r in again) == [
+        ("kernels", "jax", True), ("kernels", "torch", True), ("matmul_peak", None, False),
+        ("roi_align", "jax", True), ("roi_align", "torch", True)]
+    table = (tmp_path / "bench.md").read_text()
+    assert "| 7x7 |" in table and "Kept from an earlier run" in table and "kernels (" in table
 
 
 def test_pod_memory_reports_per_device_figures_from_xla(tmp_path):
