@@ -1,6 +1,7 @@
 """conv2d's spelled-out gradients (used on CPU so convolutions stay fast inside lax.switch) equal
 JAX's own, and the XLA:CPU flag maskx_jax sets at import is applied only when it is safe."""
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,21 @@ def test_conv2d_gradients_inside_a_switch_equal_outside():
     outside = jax.jit(jax.grad(lambda k: loss(k, 4)))(k)
     inside = jax.jit(jax.grad(lambda k, i: jax.lax.switch(i, [lambda: loss(k, 4), lambda: loss(k, 8)])))(k, 0)
     np.testing.assert_allclose(np.asarray(inside), np.asarray(outside), rtol=1e-6, atol=1e-6)
+
+
+def test_1x1_gradients_are_matrix_products_and_strided_1x1_has_no_dilated_convolution():
+    """The layout of the 1x1 gradients is what makes them fast on CPU (see maskx_jax/conv.py): the filter
+    gradient is a dot over all pixels, and the strided 1x1 (ResNet downsample) gradient has no
+    dilated convolution (XLA's own gradient of a strided convolution)."""
+    x = jnp.ones((2, 8, 8, 16), jnp.float32)
+    k = jnp.ones((1, 1, 16, 4), jnp.float32)
+    for stride in (1, 2):
+        hlo = jax.jit(jax.grad(lambda x, k, s=stride: jnp.sum(conv2d(x, k, s, 0) ** 2), argnums=(0, 1))).lower(
+            x, k).as_text()
+        assert re.findall(r"(?:lhs|rhs)_dilate = \[(\d+, \d+)\]", hlo) == ["1, 1"] * 4, stride
+        assert re.findall(r"stride = \[(\d+, \d+)\]", hlo) == ["1, 1"] * 2, stride
+        # forward and input gradient are (1x1) convolutions; the filter gradient is a dot_general
+        assert hlo.count("stablehlo.convolution") == 2 and "stablehlo.dot_general" in hlo, stride
 
 
 def test_bfloat16_gradients_keep_their_dtypes():
