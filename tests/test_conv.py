@@ -21,7 +21,8 @@ def _reference(x, k, stride, padding):
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (1, 1, 0), (3, 1, 0), (3, 1, 2), (5, 1, 2),
-                                                     (3, 2, 1), (1, 2, 0), (7, 2, 3)])
+                                                     (3, 2, 1), (1, 2, 0), (7, 2, 3), (3, 2, 0), (4, 2, 1),
+                                                     (5, 3, 2), (2, 3, 0)])
 def test_conv2d_value_and_gradients_equal_jax(kernel, stride, padding):
     rng = np.random.default_rng(kernel * 10 + stride + padding)
     x = jnp.asarray(rng.standard_normal((3, 11, 9, 6), np.float32))
