@@ -2,6 +2,7 @@
 
     python benchmarks/pod_memory.py                        # R-50/R-101 x float32/bfloat16, ~10 min
     python benchmarks/pod_memory.py --depths 50 --dtypes bfloat16 --size 800
+    python benchmarks/pod_memory.py --mask-slot-buckets ""            # the static mask branch only
 
 Nothing runs and nothing is allocated: the train step of ``Trainer`` is lowered on abstract
 (ShapeDtypeStruct) state and batch over a mesh of ``--devices`` fake CPU devices
@@ -22,6 +23,17 @@ import sys
 import time
 
 
+def _buckets(text: str) -> tuple[int, ...]:
+    """'8,16,32' -> (8, 16, 32); '' -> () (static mask branch)."""
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated slot counts, got {text!r}") from None
+    if any(v <= 0 for v in sizes):
+        raise argparse.ArgumentTypeError(f"slot counts must be positive, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=8)
@@ -30,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", default="50,101")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--classes", type=int, default=81, help="num_classes incl. background (COCO: 81)")
+    p.add_argument("--mask-slot-buckets", default=None, type=_buckets,
+                   help="comma-separated model.mask_slot_buckets ('' = the static mask branch only, one "
+                        "compiled branch instead of a switch; default: the config's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -49,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes.split(","):
             c = base_config()
             c.model.depth, c.model.dtype = depth, dtype
+            if args.mask_slot_buckets is not None:
+                c.model.mask_slot_buckets = args.mask_slot_buckets
             c.model.mask_mode, c.data.set_a = "transfer", "voc"
             c.data.pad_height = c.data.pad_width = args.size
             c.train.batch_size = args.devices * args.per_device_batch
@@ -66,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             mem = compiled.memory_analysis()
             gib = 1.0 / 2**30
             row = {"depth": depth, "dtype": dtype, "devices": args.devices, "global_batch": b,
-                   "per_device_batch": args.per_device_batch, "image": hw, "compile_s": time.perf_counter() - t0,
+                   "per_device_batch": args.per_device_batch, "image": hw,
+                   "mask_slot_buckets": list(c.model.mask_slot_buckets), "compile_s": time.perf_counter() - t0,
                    "argument_gib": mem.argument_size_in_bytes * gib, "output_gib": mem.output_size_in_bytes * gib,
                    "alias_gib": mem.alias_size_in_bytes * gib, "temp_gib": mem.temp_size_in_bytes * gib}
             # Donated outputs reuse the argument buffers (alias), so they are not counted twice.

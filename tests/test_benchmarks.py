@@ -47,11 +47,14 @@ def test_bench_driver_measures_both_frameworks_and_writes_tables(tmp_path):
 
 def test_pod_memory_reports_per_device_figures_from_xla(tmp_path):
     proc = _run(["benchmarks/pod_memory.py", "--devices", "2", "--per-device-batch", "1", "--size", "64",
-                 "--depths", "18", "--dtypes", "float32,bfloat16", "--classes", "3"], tmp_path)
+                 "--depths", "18", "--dtypes", "float32,bfloat16", "--classes", "3",
+                 # The static mask branch: one compiled branch instead of the slot switch's five.
+                 "--mask-slot-buckets", ""], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "pod_memory.json").read_text())
     assert [(r["dtype"], r["devices"], r["global_batch"]) for r in rows] == [("float32", 2, 2), ("bfloat16", 2, 2)]
     for r in rows:
+        assert r["mask_slot_buckets"] == []
         assert r["argument_gib"] > 0 and r["temp_gib"] > 0
         assert r["total_gib"] >= r["argument_gib"] + r["temp_gib"] - 1e-9
     # (No bfloat16 < float32 assertion: the CPU backend computes bfloat16 convolutions through
