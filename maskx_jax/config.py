@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.box_nms_thresh = 0.5  # inference: per-class NMS IoU
     m.detections_per_img = 100  # inference: detections kept per image
     m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
-    m.mask_slot_buckets = (8, 16, 32, 64)  # smaller mask-branch sizes picked per step when positives are few (exact)
+    m.mask_slot_buckets = (8, 16, 32, 64)  # smaller mask-branch sizes picked when positives / detections are few (exact)
     m.box_roi_size = 7  # RoIAlign output for the box head
     m.mask_roi_size = 14  # mask logits are 2x this (28x28)
     m.dtype = "float32"  # compute dtype of convs/FCs: float32 | bfloat16 (params, boxes, NMS and losses stay float32)

@@ -65,8 +65,9 @@ class DetectorConfig:
     roi_batch_size_per_image: int = 512
     roi_positive_fraction: float = 0.25
     max_mask_rois_per_image: int = 128
-    # Smaller mask-branch sizes chosen per step when every image has fewer supervised positives
-    # (exact: see MaskRCNN._mask_loss). () = always run all max_mask_rois_per_image slots.
+    # Smaller mask-branch sizes chosen inside the step when every image has fewer supervised
+    # positives (training) or valid detections (inference); exact: see MaskRCNN._mask_loss and
+    # MaskRCNN._detection_masks. () = always run all max_mask_rois_per_image / detections_per_img slots.
     mask_slot_buckets: tuple[int, ...] = (8, 16, 32, 64)
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
@@ -201,10 +202,32 @@ class MaskRCNN(nnx.Module):
             detections_per_img=cfg.detections_per_img)
         boxes, scores, labels, valid = jax.vmap(post)(class_logits, box_deltas, props.boxes, props.valid,
                                                       image_sizes)
-        n, d = labels.shape
-        mask = self.mask_logits(self._mask_features(pooled, boxes), labels.reshape(-1))
-        masks = jax.nn.sigmoid(mask).reshape(n, d, *mask.shape[1:])
+        masks = self._detection_masks(pooled, boxes, labels, valid)
         return Detections(boxes=boxes, scores=scores, labels=labels, valid=valid, masks=masks)
+
+    def _detection_masks(self, pooled: list[Array], boxes: Array, labels: Array, valid: Array) -> Array:
+        """Mask probabilities [N, D, 28, 28] of the detections (boxes [N, D, 4], labels, valid [N, D]).
+
+        Valid detections are a prefix of each image's D rows, so the mask branch runs on the first k
+        rows only, k the smallest of ``mask_slot_buckets`` (+ D) that holds every image's valid
+        detections, picked inside ``predict`` by ``lax.switch`` (exact: each row's mask depends only
+        on its own box). With a high ``box_score_thresh``, or on images with few objects, most of
+        the mask head's work (about a third of inference at D = 100) is skipped. Rows that are not
+        valid get zero masks.
+        """
+        n, d = labels.shape
+
+        def branch(k: int) -> Callable[[], Array]:
+            def masks() -> Array:
+                logits = self.mask_logits(self._mask_features(pooled, boxes[:, :k]), labels[:, :k].reshape(-1))
+                probs = jax.nn.sigmoid(logits).reshape(n, k, *logits.shape[1:])
+                return jnp.pad(probs, ((0, 0), (0, d - k), (0, 0), (0, 0)))
+            return masks
+
+        sizes = mask_slot_sizes(d, self.cfg.mask_slot_buckets)
+        masks = (branch(d)() if len(sizes) == 1
+                 else jax.lax.switch(mask_slot_index(valid, sizes), [branch(k) for k in sizes]))
+        return jnp.where(valid[:, :, None, None], masks, 0.0)
 
     # ----------------------------------------------------------------------------- training
     def losses(self, batch: Batch, rng: Array) -> tuple[Array, dict[str, Array]]:
@@ -290,10 +313,11 @@ def mask_slot_sizes(max_slots: int, buckets: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({int(b) for b in buckets if 0 < int(b) < max_slots})) + (max_slots,)
 
 
-def mask_slot_index(supervise: Array, sizes: Sequence[int]) -> Array:
+def mask_slot_index(used: Array, sizes: Sequence[int]) -> Array:
     """Index into ``sizes`` (increasing, last = all slots) of the smallest slot count that holds every
-    image's supervised positives. supervise: [N, M] bool -> int32 scalar."""
-    need = jnp.max(jnp.sum(supervise, axis=1)).astype(jnp.int32)
+    image's used slots (supervised positives, valid detections; moved to the front beforehand).
+    used: [N, M] bool -> int32 scalar."""
+    need = jnp.max(jnp.sum(used, axis=1)).astype(jnp.int32)
     return jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need, side="left").astype(jnp.int32)
 
 

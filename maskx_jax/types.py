@@ -30,8 +30,9 @@ class Detections:
     """Detector output for a batch, in the input frame.
 
     boxes [N, D, 4]; scores [N, D]; labels [N, D] int32 in 1..K; valid [N, D] bool, sorted by
-    descending score; masks [N, D, M, M] float32 mask probabilities in the box's frame (M = 28;
-    paste them into the image with :func:`maskx_jax.paste.paste_masks` and threshold at 0.5).
+    descending score (valid rows first); masks [N, D, M, M] float32 mask probabilities in the box's
+    frame (M = 28; paste them into the image with :func:`maskx_jax.paste.paste_masks` and threshold
+    at 0.5), zero on rows that are not valid.
     """
 
     boxes: Array

@@ -73,3 +73,35 @@ def test_the_switch_is_in_the_step_only_when_a_bucket_is_below_the_cap():
         return "cond[" in str(jaxpr) or " cond " in str(jaxpr)
 
     assert has_cond((2, 4)) and not has_cond(()) and not has_cond((8, 16))
+
+
+def test_predict_runs_the_mask_branch_on_the_valid_detections_only():
+    """Inference: the smallest bucket holding every image's valid detections gives the static
+    branch's masks on the valid rows (zeros elsewhere) and identical boxes, scores and labels."""
+    batch = synthetic_batch(seed=2)
+    images, sizes = jnp.asarray(batch.images), jnp.asarray(batch.image_sizes)
+
+    def run(buckets, thresh):
+        model = MaskRCNN(tiny_config(mask_slot_buckets=buckets, box_score_thresh=thresh), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        predict = lambda s: nnx.merge(graphdef, s).predict(images, sizes)  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(predict)(state))
+        return jax.jit(predict)(state), ("cond[" in jaxpr or " cond " in jaxpr)
+
+    scores = np.sort(np.asarray(run((), 0.0)[0].scores[0]))[::-1]
+    # A threshold between the 4th and 5th score of image 0: some rows valid, some not.
+    thresh = float((scores[3] + scores[4]) / 2)
+    static, static_has_cond = run((), thresh)
+    bucketed, bucketed_has_cond = run((2, 4, 6, 8), thresh)
+    assert bucketed_has_cond and not static_has_cond
+    valid = np.asarray(static.valid)
+    counts = valid.sum(1)
+    assert 0 < counts.max() < valid.shape[1], counts  # a smaller branch than all 10 rows is taken
+    assert int(mask_slot_index(static.valid, mask_slot_sizes(10, (2, 4, 6, 8)))) == (counts.max() - 1) // 2
+    for name in ("boxes", "scores", "labels", "valid"):
+        np.testing.assert_array_equal(np.asarray(getattr(bucketed, name)), np.asarray(getattr(static, name)), name)
+    got, want = np.asarray(bucketed.masks), np.asarray(static.masks)
+    # Only summation order differs (the convolutions and the fusion FC see k rows instead of 10).
+    np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=1e-5)
+    assert np.all(got[~valid] == 0) and np.all(want[~valid] == 0)
+    assert want[valid].std() > 0  # real masks are compared
