@@ -211,9 +211,9 @@ class MaskRCNN(nnx.Module):
         Valid detections are a prefix of each image's D rows, so the mask branch runs on the first k
         rows only, k the smallest of ``mask_slot_buckets`` (+ D) that holds every image's valid
         detections, picked inside ``predict`` by ``lax.switch`` (exact up to summation order: each
-        row's mask depends only on its own box). With a high ``box_score_thresh``, or on images with few objects, most of
-        the mask head's work (about a third of inference at D = 100) is skipped. Rows that are not
-        valid get zero masks.
+        row's mask depends only on its own box). With a high ``box_score_thresh``, or on images
+        with few objects, most of the mask head's work (about a third of inference at D = 100) is
+        skipped. Rows that are not valid get zero masks.
         """
         n, d = labels.shape
 

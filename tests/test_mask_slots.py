@@ -27,6 +27,12 @@ def test_slot_index_is_the_smallest_bucket_holding_the_largest_count(counts, exp
     assert int(mask_slot_index(jnp.asarray(supervise), sizes)) == expected
 
 
+def _has_switch(fn, *args) -> bool:
+    """Whether ``fn``'s jaxpr contains a ``cond`` (lax.switch lowers to one)."""
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return "cond[" in jaxpr or " cond " in jaxpr
+
+
 def _loss_and_grads(cfg, batch):
     model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -69,8 +75,7 @@ def test_the_switch_is_in_the_step_only_when_a_bucket_is_below_the_cap():
         cfg = tiny_config(mask_slot_buckets=buckets)
         model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).losses(batch, jax.random.key(0))[0])(state)
-        return "cond[" in str(jaxpr) or " cond " in str(jaxpr)
+        return _has_switch(lambda s: nnx.merge(graphdef, s).losses(batch, jax.random.key(0))[0], state)
 
     assert has_cond((2, 4)) and not has_cond(()) and not has_cond((8, 16))
 
@@ -85,8 +90,7 @@ def test_predict_runs_the_mask_branch_on_the_valid_detections_only():
         model = MaskRCNN(tiny_config(mask_slot_buckets=buckets, box_score_thresh=thresh), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         predict = lambda s: nnx.merge(graphdef, s).predict(images, sizes)  # noqa: E731
-        jaxpr = str(jax.make_jaxpr(predict)(state))
-        return jax.jit(predict)(state), ("cond[" in jaxpr or " cond " in jaxpr)
+        return jax.jit(predict)(state), _has_switch(predict, state)
 
     scores = np.sort(np.asarray(run((), 0.0)[0].scores[0]))[::-1]
     # A threshold between the 4th and 5th score of image 0: some rows valid, some not.
