@@ -32,9 +32,10 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-# What a full run writes under pytest's temporary directory at its peak (measured 5.7 GiB with two
-# workers, 4.6 GiB of it the README walk-through's converted checkpoints), plus a little headroom. A run that
-# fills the disk fails tens of tests minutes later with errors that do not name the cause.
+# What a full run writes under pytest's temporary directory at its peak: 5.7 GiB measured with two
+# workers, 4.6 GiB of it the README walk-through's converted checkpoints; the bound adds a little
+# headroom. A run that fills the disk fails tens of tests minutes later, with errors that do not
+# name the cause.
 MIN_FREE_GIB = float(os.environ.get("MASKX_JAX_TEST_MIN_FREE_GIB", "6.5"))
 
 
