@@ -1,9 +1,12 @@
 """Test-wide settings: float32 with the highest matmul precision, so parity tolerances mean something."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_enable_x64", False)
@@ -33,19 +36,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 # What a full run writes under pytest's temporary directory at its peak: 5.7 GiB measured with two
-# workers, 4.6 GiB of it the README walk-through's converted checkpoints; the bound adds a little
-# headroom. A run that fills the disk fails tens of tests minutes later, with errors that do not
-# name the cause.
+# workers, 4.6 GiB of it the README walk-through's (converted torch files, R-50 training workdirs);
+# the bound adds a little headroom. A run that fills the disk fails tens of tests minutes later, with
+# errors that do not name the cause.
 MIN_FREE_GIB = float(os.environ.get("MASKX_JAX_TEST_MIN_FREE_GIB", "6.5"))
 
 
 def pytest_sessionstart(session):
     """Refuse to start (clear message, before any test) when the temporary directory's disk is too full."""
-    import shutil
-    import tempfile
-
-    import pytest
-
     if hasattr(session.config, "workerinput"):
         return  # xdist workers: the controller checked
     base = session.config.option.basetemp or tempfile.gettempdir()
