@@ -115,6 +115,34 @@ def test_chunked_match_under_vmap_with_different_gt_counts():
     assert (np.asarray(labels[2]) == 0).all(), "no gt: all background"
 
 
+@pytest.mark.parametrize("fg,bg,low_quality", [(0.7, 0.3, True), (0.5, 0.5, False)])  # RPN, RoI heads
+def test_match_equals_torchvision_matcher(fg, bg, low_quality):
+    """torchvision's ``Matcher`` on the valid gts vs ``match`` on the padded gt slots (no crowd)."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection._utils import Matcher
+    from torchvision.ops import box_iou
+
+    rng = np.random.default_rng(7)
+    def rand_boxes(n, grid):
+        if grid:  # integer grid: exact IoU ties between gts, and between candidates
+            xy = rng.integers(0, 30, (n, 2)) * 8.0
+            return np.concatenate([xy, xy + rng.integers(1, 10, (n, 2)) * 8.0], 1).astype(np.float32)
+        xy = rng.uniform(0, 300, (n, 2))
+        return np.concatenate([xy, xy + rng.uniform(4, 120, (n, 2))], 1).astype(np.float32)
+    for grid in (False, True):
+        for n_gt in (1, 7, 20):
+            boxes, gt = rand_boxes(4000, grid), rand_boxes(n_gt, grid)
+            ref = Matcher(fg, bg, allow_low_quality_matches=low_quality)(
+                box_iou(torch.from_numpy(gt), torch.from_numpy(boxes))).numpy()
+            slots = np.zeros((32, 4), np.float32)
+            slots[:n_gt] = gt
+            matched, labels = _m(boxes, slots, np.arange(32) < n_gt, None, fg_thresh=fg, bg_thresh=bg,
+                                 allow_low_quality=low_quality)
+            want = np.where(ref >= 0, 1, np.where(ref == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
+            np.testing.assert_array_equal(labels, want)
+            np.testing.assert_array_equal(matched[ref >= 0], ref[ref >= 0])
+
+
 def test_match_passes_no_gradient_to_the_candidates():
     gt = jnp.asarray([[0.0, 0.0, 10.0, 10.0]])
     def f(b):
