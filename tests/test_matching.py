@@ -93,8 +93,6 @@ def test_chunked_match_equals_matching_all_gts_at_once(g, chunk, allow_low_quali
         want = _dense_match(jnp.asarray(boxes), jnp.asarray(gt), jnp.asarray(valid), jnp.asarray(crowd), **kw)
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-        if valid.any() and not crowd.all():
-            assert (np.asarray(got[1]) == 1).any() or not allow_low_quality
 
 
 def test_chunked_match_under_vmap_with_different_gt_counts():
@@ -118,7 +116,7 @@ def test_chunked_match_under_vmap_with_different_gt_counts():
 @pytest.mark.parametrize("fg,bg,low_quality", [(0.7, 0.3, True), (0.5, 0.5, False)])  # RPN, RoI heads
 def test_match_equals_torchvision_matcher(fg, bg, low_quality):
     """torchvision's ``Matcher`` on the valid gts vs ``match`` on the padded gt slots (no crowd)."""
-    torch = pytest.importorskip("torch")
+    import torch  # a test dependency, as in the other parity tests
     from torchvision.models.detection._utils import Matcher
     from torchvision.ops import box_iou
 
