@@ -46,15 +46,40 @@ def _conv_s1_bwd(padding: int, residuals, g: Array):
     # d/dx: full correlation of g with the spatially flipped kernel, in/out channels swapped.
     gx = _conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1, k - 1 - padding)
     if k == 1 and padding == 0:
-        # 1x1: d/dkernel[0, 0] = x^T g over every pixel, a plain matrix product. As a convolution (below)
+        # 1x1: d/dkernel[0, 0] = x^T g over every pixel, a plain matrix product. As a convolution
         # XLA:CPU would first transpose x to [in, H, W, N], an elementwise copy with N innermost that ran
         # at well under 1 GB/s on the backbone's activations.
         gk = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))[None, None]
         return gx.astype(x.dtype), gk.astype(kernel.dtype)
-    # d/dkernel[a, b, i, o] = sum_{n,h,w} x_pad[n, h + a, w + b, i] g[n, h, w, o]: a convolution with
-    # batch = input channels, feature = images, window = the output map -> [in, kh, kw, out].
-    gk = _conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), 1, padding).transpose(1, 2, 0, 3)
-    return gx.astype(x.dtype), gk.astype(kernel.dtype)
+    return gx.astype(x.dtype), _filter_grad(x, g, k, padding).astype(kernel.dtype)
+
+
+# Up to this many images the filter gradient stacks them into one tall image (see _filter_grad).
+STACK_MAX_IMAGES = 2
+
+
+def _filter_grad(x: Array, g: Array, k: int, padding: int) -> Array:
+    """d/dkernel of a stride-1 k x k convolution: x [N, H, W, I], g [N, Ho, Wo, O] -> [k, k, I, O].
+
+    d/dkernel[a, b, i, o] = sum_{n,h,w} x_pad[n, h + a, w + b, i] g[n, h, w, o]: a convolution with
+    batch = input channels and window = the output map. With few images (a backbone, FPN or RPN
+    convolution at 1-2 images per device) the images are stacked along the height instead of being
+    its feature axis: x_pad becomes one [I, N(H+2p), W+2p, 1] image and g one [N(H+2p)-(k-1), Wo, 1, O]
+    window with k-1 zero rows after each image, so no product crosses two images. XLA:CPU runs that
+    form at 1.2-1.8x the rate of the images-as-features one (whose input layout puts the 1-2 images
+    innermost: 71-146 vs 134-188 GFLOP/s over ResNet-50-FPN's 3x3 shapes); with many images (mask
+    head RoIs) the images-as-features form is the faster one (185-189 vs 91-150 GFLOP/s).
+    """
+    n, h, w, i = x.shape
+    o = g.shape[-1]
+    p = padding
+    if n > STACK_MAX_IMAGES:
+        return _conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), 1, p).transpose(1, 2, 0, 3)
+    hp, wp = h + 2 * p, w + 2 * p
+    xs = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).reshape(n * hp, wp, i).transpose(2, 0, 1)[..., None]
+    gs = jnp.pad(g, ((0, 0), (0, hp - g.shape[1]), (0, 0), (0, 0))).reshape(n * hp, g.shape[2], o)
+    gs = gs[: n * hp - (k - 1), :, None, :]
+    return _conv(xs, gs, 1, 0).transpose(1, 2, 0, 3)
 
 
 _conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)

@@ -23,9 +23,10 @@ def _reference(x, k, stride, padding):
 @pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (1, 1, 0), (3, 1, 0), (3, 1, 2), (5, 1, 2),
                                                      (3, 2, 1), (1, 2, 0), (7, 2, 3), (3, 2, 0), (4, 2, 1),
                                                      (5, 3, 2), (2, 3, 0)])
-def test_conv2d_value_and_gradients_equal_jax(kernel, stride, padding):
+@pytest.mark.parametrize("images", [1, 2, 3])  # <= 2: the filter gradient stacks the images (conv.py)
+def test_conv2d_value_and_gradients_equal_jax(kernel, stride, padding, images):
     rng = np.random.default_rng(kernel * 10 + stride + padding)
-    x = jnp.asarray(rng.standard_normal((3, 11, 9, 6), np.float32))
+    x = jnp.asarray(rng.standard_normal((images, 11, 9, 6), np.float32))
     k = jnp.asarray(rng.standard_normal((kernel, kernel, 6, 5), np.float32))
     ours = jax.jit(lambda x, k: conv2d(x, k, stride, padding))
     ref = jax.jit(lambda x, k: _reference(x, k, stride, padding))
