@@ -338,18 +338,21 @@ def _torch_mask_rois(model, fn) -> int:
 
 # --------------------------------------------------------------------------------------- kernels
 
-# (name, x shape NHWC, kernel size, out channels, what it is in Mask R-CNN R50-FPN at 512 x 512, batch 2).
-KERNELS: tuple[tuple[str, tuple[int, int, int, int], int, int, str], ...] = (
-    ("conv3x3", (64, 14, 14, 256), 3, 256, "mask head, 32 RoIs/image"),
-    ("conv3x3", (2, 128, 128, 256), 3, 256, "FPN output / RPN conv at P2"),
-    ("conv1x1", (2, 128, 128, 256), 1, 128, "layer2.0.conv1 (layer1 output in)"),
-    ("conv1x1", (2, 32, 32, 1024), 1, 256, "a layer3 block's conv1"),
-    ("matmul", (1024, 12544, 1, 1), 1, 1024, "box head fc6, 512 RoIs/image"),
+# (name, x shape NHWC, kernel size, out channels, stride, what it is in Mask R-CNN R50-FPN at 512 x 512,
+# batch 2).
+KERNELS: tuple[tuple[str, tuple[int, int, int, int], int, int, int, str], ...] = (
+    ("conv3x3", (64, 14, 14, 256), 3, 256, 1, "mask head, 32 RoIs/image"),
+    ("conv3x3", (2, 128, 128, 256), 3, 256, 1, "FPN output / RPN conv at P2"),
+    ("conv3x3", (2, 64, 64, 128), 3, 128, 1, "a layer2 block's conv2"),
+    ("conv3x3", (2, 128, 128, 128), 3, 128, 2, "layer2.0.conv2 (stride 2)"),
+    ("conv1x1", (2, 128, 128, 256), 1, 128, 1, "layer2.0.conv1 (layer1 output in)"),
+    ("conv1x1", (2, 32, 32, 1024), 1, 256, 1, "a layer3 block's conv1"),
+    ("matmul", (1024, 12544, 1, 1), 1, 1024, 1, "box head fc6, 512 RoIs/image"),
 )
 
 
-SMOKE_KERNELS = (("conv3x3", (2, 6, 6, 8), 3, 8, "toy"), ("conv1x1", (2, 6, 6, 8), 1, 4, "toy"),
-                 ("matmul", (8, 16, 1, 1), 1, 4, "toy"))
+SMOKE_KERNELS = (("conv3x3", (2, 6, 6, 8), 3, 8, 1, "toy"), ("conv3x3", (2, 6, 6, 8), 3, 8, 2, "toy"),
+                 ("conv1x1", (2, 6, 6, 8), 1, 4, 1, "toy"), ("matmul", (8, 16, 1, 1), 1, 4, 1, "toy"))
 
 
 def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
@@ -369,7 +372,7 @@ def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
     else:
         import torch
         import torch.nn.functional as F
-    for name, shape, k, cout, what in (SMOKE_KERNELS if smoke else KERNELS):
+    for name, shape, k, cout, stride, what in (SMOKE_KERNELS if smoke else KERNELS):
         x = rng.standard_normal(shape, dtype=np.float32)
         cin = shape[-1] if name != "matmul" else shape[1]
         w = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
@@ -377,9 +380,11 @@ def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
             x, w = x[:, :, 0, 0], w[0, 0]
             flops = 2 * x.shape[0] * cin * cout
         else:
-            flops = 2 * int(np.prod(shape[:3])) * cin * cout * k * k
+            out_pixels = shape[0] * -(-shape[1] // stride) * -(-shape[2] // stride)  # padding k // 2
+            flops = 2 * out_pixels * cin * cout * k * k
         if framework == "jax":
-            fwd = (lambda a, b: a @ b) if name == "matmul" else (lambda a, b, p=k // 2: conv2d(a, b, 1, p))
+            fwd = ((lambda a, b: a @ b) if name == "matmul"
+                   else (lambda a, b, p=k // 2, s=stride: conv2d(a, b, s, p)))
             xj, wj = jnp.asarray(x), jnp.asarray(w)
             gj = jnp.asarray(rng.standard_normal(jax.eval_shape(fwd, xj, wj).shape, dtype=np.float32))
             fns = {"forward": jax.jit(fwd),
@@ -396,7 +401,7 @@ def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
             else:
                 xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
                 wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
-                fwd = lambda a, b, p=k // 2: F.conv2d(a, b, padding=p)  # noqa: E731
+                fwd = lambda a, b, p=k // 2, s=stride: F.conv2d(a, b, stride=s, padding=p)  # noqa: E731
             with torch.no_grad():
                 gt = torch.randn_like(fwd(xt, wt))
 
@@ -415,7 +420,8 @@ def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
             for m in ("input_grad", "filter_grad"):
                 times[m]["forward_included_s"] = times[m]["median_s"]
                 times[m]["median_s"] = max(times[m]["median_s"] - times["forward"]["median_s"], 1e-9)
-        row["kernels"].append({"name": name, "shape": list(shape), "k": k, "out": cout, "what": what,
+        row["kernels"].append({"name": name, "shape": list(shape), "k": k, "out": cout, "stride": stride,
+                               "what": what,
                                "gflop": flops / 1e9, **times})
     row["peak_rss_mib"] = peak_rss_mib()
     return row

@@ -98,7 +98,8 @@ def markdown(result: dict) -> str:
             rates = [f"{kj['gflop'] / kj[m]['median_s']:.0f} / {kt['gflop'] / kt[m]['median_s']:.0f}"
                      for m in ("forward", "input_grad", "filter_grad")]
             shape = "x".join(str(d) for d in kj["shape"] if kj["name"] != "matmul" or d != 1)
-            op = kj["name"] if kj["name"] == "matmul" else f"{kj['name']} -> {kj['out']}"
+            stride = f", stride {kj['stride']}" if kj.get("stride", 1) > 1 else ""
+            op = kj["name"] if kj["name"] == "matmul" else f"{kj['name']} -> {kj['out']}{stride}"
             out.append(f"| {op} | {shape} | {kj['what']} | " + " | ".join(rates) + " |")
     out.append("")
 

@@ -6,13 +6,15 @@ and whose window is the whole output map) into its fast NHWC/HWIO form only in t
 computation. Inside a ``lax.cond`` / ``lax.switch`` branch they stay in their raw form and run
 through a naive loop: a mask-head filter gradient for 32 RoIs took 16 s there instead of ~0.1 s
 (jaxlib 0.10). The mask branch runs inside a ``lax.switch`` (see ``MaskRCNN._mask_loss``), so its
-convolutions spell their gradients out in the canonical form with a custom VJP. The numbers are
-the ones XLA computes itself (bitwise equal on CPU in the tests), at the same speed outside
-control flow.
+convolutions spell their gradients out in canonical forms with a custom VJP. The forward is XLA's
+own (bitwise equal in the tests); the gradients equal XLA's within float rounding (sums in another
+order) and are also faster than XLA:CPU's own forms outside control flow.
 
-The custom VJP covers stride-1 convolutions (every mask-head, FPN, RPN and ResNet 1x1 convolution;
-strided 1x1 ones are subsampled first); its 1x1 filter gradient is a matrix product. Strided 3x3/7x7
-convolutions keep JAX's own gradient. Other platforms always use JAX's own gradient.
+The custom VJPs cover stride-1 convolutions (every mask-head, FPN, RPN and ResNet 1x1 convolution;
+strided 1x1 ones are subsampled first; the 1x1 filter gradient is a matrix product, the others see
+``_filter_grad``) and strided ones (ResNet's stride-2 3x3 and the stem), whose gradients are taken per
+phase of the input as stride-1 ones (``_conv_strided_bwd``). Other platforms always use JAX's own
+gradients.
 """
 from __future__ import annotations
 

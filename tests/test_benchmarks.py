@@ -27,11 +27,13 @@ def test_bench_driver_measures_both_frameworks_and_writes_tables(tmp_path):
         r = rows[("roi_align", fw)]
         assert r["forward"]["median_s"] > 0 and r["forward_backward"]["median_s"] > 0 and r["peak_rss_mib"] > 0
         ops = rows[("kernels", fw)]["kernels"]
-        assert [k["name"] for k in ops] == ["conv3x3", "conv1x1", "matmul"]
+        assert [(k["name"], k["stride"]) for k in ops] == [("conv3x3", 1), ("conv3x3", 2), ("conv1x1", 1),
+                                                           ("matmul", 1)]
         assert all(k[m]["median_s"] > 0 for k in ops for m in ("forward", "input_grad", "filter_grad"))
     assert rows[("roi_align", "jax")]["xla"]["flops"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "| 7x7 |" in table and "| conv3x3 -> 8 | 2x6x6x8 |" in table and "GFLOP/s" in table
+    assert "| conv3x3 -> 8, stride 2 |" in table
     assert "error" not in table and "Kept from an earlier run" not in table
 
     # --only re-measures one case and keeps the other cases' rows (marked with their date) and tables.

@@ -74,6 +74,10 @@ def test_bfloat16_gradients_keep_their_dtypes():
     gx, gk = jax.grad(lambda x, k: conv2d(x, k, 1, 1).astype(jnp.float32).sum(), argnums=(0, 1))(x, k)
     assert gx.dtype == jnp.bfloat16 and gk.dtype == jnp.bfloat16
     assert float(gk[1, 1, 0, 0]) == 50.0  # the centre tap sees all 2 x 5 x 5 positions
+    # stride 2 (gradients per input phase): the centre tap sees the 2 x 3 x 3 output positions
+    gx, gk = jax.grad(lambda x, k: conv2d(x, k, 2, 1).astype(jnp.float32).sum(), argnums=(0, 1))(x, k)
+    assert gx.dtype == jnp.bfloat16 and gk.dtype == jnp.bfloat16
+    assert float(gk[1, 1, 0, 0]) == 18.0
 
 
 def test_canonical_gradients_only_on_cpu():
