@@ -26,11 +26,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m maskx_jax.demo --workdir runs/demo
 
-# maskx_jax vs torchvision (speed, compile, memory, FLOPs), then the large-vocabulary mask branch.
-# Tables: benchmarks/results/*.md. Measure on a quiet machine: every figure is a wall-clock median.
+# maskx_jax vs torchvision (speed, compile, memory, FLOPs), the large-vocabulary mask branch, then the
+# training step's convolutions one by one. Tables: benchmarks/results/*.md. Measure on a quiet machine:
+# every figure is a wall-clock median.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/large_vocab.py
+	$(PY) benchmarks/conv_layers.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,3 +64,23 @@ def test_pod_memory_reports_per_device_figures_from_xla(tmp_path):
     # (No bfloat16 < float32 assertion: the CPU backend computes bfloat16 convolutions through
     # float32 copies, so its temporaries are larger there; see the README's pod section.)
     assert "R-18-FPN" in (tmp_path / "pod_memory.md").read_text()
+
+
+def test_conv_layers_lists_the_steps_convolutions_and_times_both_frameworks(tmp_path):
+    from benchmarks.conv_layers import step_convolutions
+
+    shapes = step_convolutions(800, 1333)
+    # layer2-4: 13 + 19 + 10 convolutions (3 per bottleneck + a downsample each), FPN 4 lateral + 4 output,
+    # RPN 3x3 and 1x1 on P2-P6
+    assert sum(shapes.values()) == 42 + 8 + 10
+    assert sum(n for (h, w, ci, co, k, s), n in shapes.items() if s == 2) == 6
+    assert shapes[(200, 336, 256, 256, 3, 1)] == 2  # FPN output and RPN conv at P2 of the 800x1344 batch
+    proc = _run(["benchmarks/conv_layers.py", "--sizes", "64x64", "--repeats", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "conv_layers.json").read_text())
+    (size,) = result["sizes"]
+    assert sum(r["count"] for r in size["rows"]) == 60
+    assert all(r["jax_s"] > 0 and r["torch_s"] > 0 for r in size["rows"])
+    assert size["total_jax_s"] == pytest.approx(sum(r["count"] * r["jax_s"] for r in size["rows"]))
+    table = (tmp_path / "conv_layers.md").read_text()
+    assert "**64x64, batch 2**" in table and "| 3x3/2 128->128 at 16x16 | 1 |" in table
