@@ -5,6 +5,7 @@ untimed ones; the raw times are kept beside it in the JSON.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -34,6 +35,23 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "times_s": times}
+
+
+def write_results(out_dir: str, name: str, data: Any, table: str) -> tuple[str, str]:
+    """Write ``OUT/name.json`` (every raw figure) and ``OUT/name.md`` (the table), print the table.
+
+    Each file is written beside its final name and renamed into place, so an interrupted run leaves the
+    previous results whole. Returns (json path, md path).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")
+    for path, text in zip(paths, (json.dumps(data, indent=1), table)):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    print("\n" + table)
+    print(f"written: {paths[0]}, {paths[1]}")
+    return paths
 
 
 def peak_rss_mib() -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 
@@ -27,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import environment, timed  # noqa: E402
+from benchmarks.common import environment, timed, write_results  # noqa: E402
 
 # (input height, input width, in channels, out channels, kernel, stride) -> how often the step runs it
 Shapes = dict[tuple[int, int, int, int, int, int], int]
@@ -174,13 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{h}x{w}, batch {args.batch}:", flush=True)
         sizes.append(run(h, w, args.batch, args.repeats))
     result = {"environment": environment(), "repeats": args.repeats, "sizes": sizes}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "conv_layers.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    table = markdown(result)
-    with open(os.path.join(args.out, "conv_layers.md"), "w") as f:
-        f.write(table)
-    print("\n" + table)
+    write_results(args.out, "conv_layers", result, markdown(result))
     return 0
 
 

@@ -21,7 +21,6 @@ on their values; ``box_score_thresh`` is 0 so NMS runs its worst case). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import write_results  # noqa: E402
 from maskx_jax import mask_head  # noqa: E402
 from maskx_jax.detector import DetectorConfig, MaskRCNN  # noqa: E402
 
@@ -168,17 +168,10 @@ def main(argv=None) -> int:
                 print(f"{what:12s} K={k - 1:5d} {path:8s} {row['median_ms']:9.1f} ms  temp {_mib(row['temp_bytes'])} MiB"
                       f"  args {_mib(row['argument_bytes'])} MiB  {row['flops'] / 1e9:.2f} GFLOP"
                       f"  (compile {row['compile_s']:.1f} s)", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
            "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    with open(os.path.join(args.out, "large_vocab.json"), "w") as f:
-        json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=1)
-    table = markdown(rows)
-    with open(os.path.join(args.out, "large_vocab.md"), "w") as f:
-        f.write(f"Environment: {env['backend']} ({env['device']}), {env['cpu_count']} CPU cores, jax {env['jax']}.\n\n")
-        f.write(table)
-    print("\n" + table)
-    print(f"written: {os.path.join(args.out, 'large_vocab.json')}, {os.path.join(args.out, 'large_vocab.md')}")
+    header = f"Environment: {env['backend']} ({env['device']}), {env['cpu_count']} CPU cores, jax {env['jax']}.\n\n"
+    write_results(args.out, "large_vocab", {"env": env, "args": vars(args), "rows": rows}, header + markdown(rows))
     return 0
 
 

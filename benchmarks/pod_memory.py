@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.common import write_results
     from maskx_jax.config import base_config
     from maskx_jax.train_lib import Trainer
     from maskx_jax.types import Batch
@@ -91,19 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             row["total_gib"] = row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pod_memory.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     lines = ["| backbone | compute dtype | mesh | global batch | image | arguments GiB | temporaries GiB | "
              "per-device total GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| R-{r['depth']}-FPN | {r['dtype']} | data={r['devices']} | {r['global_batch']} "
                      f"({r['per_device_batch']}/device) | {r['image']}x{r['image']} | {r['argument_gib']:.2f} | "
                      f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "pod_memory.md"), "w") as f:
-        f.write(table)
-    print("\n" + table)
+    write_results(args.out, "pod_memory", rows, "\n".join(lines) + "\n")
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, environment  # noqa: E402
+from benchmarks.common import ROOT, environment, write_results  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 
 SIZES = ((800, 1333), (512, 512))
@@ -123,20 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         row = run_case(spec, args.timeout)
         rows.append(row)
         print(row.get("error") or f"done in {row['wall_s']:.0f} s", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
-    md_path = os.path.join(args.out, "bench.md")
     kept = _kept_rows(json_path, only) if only else []
     if kept:
         print(f"kept from the previous {json_path}: {len(kept)} rows of cases not run now")
     result = {"environment": environment(), "quick": args.quick, "smoke": args.smoke, "rows": kept + rows}
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
-    table = markdown(result)
-    with open(md_path, "w") as f:
-        f.write(table)
-    print("\n" + table)
-    print(f"written: {json_path}, {md_path}")
+    write_results(args.out, "bench", result, markdown(result))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -53,8 +53,9 @@ COVERED_ELSEWHERE: dict[str, str] = {
                  "train.py, evaluation and pictures here (the Training commands), at 1-2 steps.",
     "make test": "runs the test suite, this file included (python -m pytest -q -n 2 --dist loadfile tests after the venv install, "
                  "which needs the network or a wheel cache).",
-    "make bench": "20-30 min of wall-clock measurements (benchmarks/run.py, then benchmarks/large_vocab.py); "
-                  "tests/test_benchmarks.py runs the driver end to end at toy size (run.py --smoke), tables included.",
+    "make bench": "25-35 min of wall-clock measurements (benchmarks/run.py, then benchmarks/large_vocab.py and "
+                  "benchmarks/conv_layers.py); tests/test_benchmarks.py runs the driver end to end at toy size "
+                  "(run.py --smoke) and conv_layers.py at 64x64, tables included.",
     "python benchmarks/pod_memory.py": "compiles R-50/R-101 train steps at 1024x1024 on 8 fake devices (~10 min); "
                                        "tests/test_benchmarks.py runs the same script on R-18 at 64x64, 2 devices.",
 }
