@@ -421,8 +421,7 @@ def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
                 times[m]["forward_included_s"] = times[m]["median_s"]
                 times[m]["median_s"] = max(times[m]["median_s"] - times["forward"]["median_s"], 1e-9)
         row["kernels"].append({"name": name, "shape": list(shape), "k": k, "out": cout, "stride": stride,
-                               "what": what,
-                               "gflop": flops / 1e9, **times})
+                               "what": what, "gflop": flops / 1e9, **times})
     row["peak_rss_mib"] = peak_rss_mib()
     return row
 

@@ -1,6 +1,6 @@
 """The convolutions of a Mask R-CNN R50-FPN training step, one by one: maskx_jax vs torchvision's ops.
 
-    python benchmarks/conv_layers.py                       # 800 x 1333 and 512 x 512, ~6 min on 2 cores
+    python benchmarks/conv_layers.py                       # 800 x 1333 and 512 x 512, ~3 min on 2 cores
     python benchmarks/conv_layers.py --sizes 512x512 --repeats 3
 
 For every convolution the training step differentiates (ResNet-50 layer2-4 with stem + layer1

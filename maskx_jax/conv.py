@@ -152,8 +152,6 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, padding: int = 0) -> Array:
         # the stride-1 path (same products and sums; XLA's own filter gradient for it is a dilated
         # convolution behind a slow transpose of the activations).
         x, stride = x[:, ::stride, ::stride, :], 1
-    if stride == 1 and 0 <= padding <= k - 1:
-        return _conv_s1(x, kernel, padding)
-    if stride > 1 and 0 <= padding <= k - 1:
-        return _conv_strided(x, kernel, stride, padding)
+    if 0 <= padding <= k - 1:
+        return _conv_s1(x, kernel, padding) if stride == 1 else _conv_strided(x, kernel, stride, padding)
     return _conv(x, kernel, stride, padding)
