@@ -21,7 +21,7 @@ from maskx_jax.fpn import ResNetFPN
 from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss,
                                  mask_targets)
 from maskx_jax.roi_align import multiscale_roi_align
-from maskx_jax.rpn import RPN, rpn_losses, select_proposals
+from maskx_jax.rpn import RPN, sample_anchors, sampled_rpn_losses, select_proposals
 from maskx_jax.types import Batch, Detections
 from maskx_jax.weight_transfer import WeightTransfer, class_embedding
 
@@ -159,9 +159,17 @@ class MaskRCNN(nnx.Module):
         """Backbone + FPN in the compute dtype: [N, H, W, 3] -> P2..P6."""
         return self.backbone(images.astype(self.cfg.compute_dtype))
 
-    def _rpn(self, feats: list[Array], image_hw: tuple[int, int]):
-        """RPN head outputs in float32 (scores and deltas feed top-k, NMS and box decoding)."""
-        logits, deltas, anchors, counts = self.rpn(feats, image_hw)
+    def _rpn(self, feats: list[Array], image_hw: tuple[int, int], detached: bool = False):
+        """RPN head outputs in float32 (scores and deltas feed top-k, NMS and box decoding).
+
+        ``detached``: no gradient reaches the features or the head's weights from these outputs.
+        """
+        rpn = self.rpn
+        if detached:
+            feats = [jax.lax.stop_gradient(f) for f in feats]
+            graphdef, state = nnx.split(rpn)
+            rpn = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+        logits, deltas, anchors, counts = rpn(feats, image_hw)
         return logits.astype(jnp.float32), deltas.astype(jnp.float32), anchors, counts
 
     def _box_outputs(self, box_feats: Array) -> tuple[Array, Array]:
@@ -240,11 +248,18 @@ class MaskRCNN(nnx.Module):
         cfg = self.cfg
         k_rpn, k_roi = jax.random.split(rng)
         feats = self._features(batch.images)
-        logits, deltas, anchors, counts = self._rpn(feats, batch.images.shape[1:3])
-        loss_obj, loss_rpn_box = rpn_losses(
-            logits, deltas, anchors, batch.gt_boxes, batch.gt_valid, batch.gt_crowd, k_rpn,
+        # The head over every anchor feeds only the proposals, which carry no gradient (torchvision
+        # detaches them too); the RPN losses read the head at their sampled anchors alone
+        # (RPNHead.at_anchors). So the dense head runs detached and its backward pass, both gradient
+        # convolutions of the 3x3 conv over every pixel of P2..P6, is never computed.
+        logits, deltas, anchors, counts = self._rpn(feats, batch.images.shape[1:3], detached=True)
+        anchor_samples = sample_anchors(
+            anchors, batch.gt_boxes, batch.gt_valid, batch.gt_crowd, k_rpn,
             fg_iou_thresh=cfg.rpn_fg_iou_thresh, bg_iou_thresh=cfg.rpn_bg_iou_thresh,
             batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=cfg.rpn_positive_fraction)
+        sampled_logits, sampled_deltas = self.rpn.head.at_anchors(feats, anchor_samples.index)
+        loss_obj, loss_rpn_box = sampled_rpn_losses(sampled_logits.astype(jnp.float32),
+                                                    sampled_deltas.astype(jnp.float32), anchor_samples)
         props = select_proposals(logits, deltas, anchors, counts, batch.image_sizes,
                                  pre_nms_top_n=cfg.rpn_pre_nms_top_n_train,
                                  post_nms_top_n=cfg.rpn_post_nms_top_n_train, nms_thresh=cfg.rpn_nms_thresh)

@@ -7,7 +7,7 @@ best ``post_nms_top_n`` per image. Everything has static shapes; dropped boxes a
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,55 @@ class RPNHead(nnx.Module):
             logits.append(self.cls_logits(t).reshape(n, -1))
             deltas.append(self.bbox_pred(t).reshape(n, -1, 4))
         return jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1)
+
+    def at_anchors(self, features: Sequence[Array], index: Array) -> tuple[Array, Array]:
+        """The head's outputs at given anchors only: what ``__call__`` gives at ``[n, index[n]]``.
+
+        Args:
+          features: per level [N, H_l, W_l, C], as for ``__call__``.
+          index: [N, S] int32 anchor indices in ``__call__``'s order (level, row-major location, anchor).
+        Returns:
+          logits [N, S] and deltas [N, S, 4] (same values up to float summation order).
+
+        Why: the RPN losses read the head at 256 sampled anchors per image. Differentiating the dense
+        head instead runs both gradient convolutions of its 3x3 conv over every pixel of every level
+        (the cotangent is zero everywhere but at those anchors): about a quarter of a training step's
+        convolution work. Here each sampled anchor's 3x3 neighbourhood (zero outside the map, as the
+        conv's padding) is gathered from its level and the conv and the two 1x1 convs are evaluated
+        there as matrix products, so the backward pass is a scatter of S x 9 pixels and a few
+        [S, 9C] x [9C, C] products.
+        """
+        a = self.num_anchors
+        n, s = index.shape
+        c = features[0].shape[-1]
+        sizes = [tuple(int(d) for d in f.shape[1:3]) for f in features]
+        starts = np.cumsum([0] + [h * w * a for h, w in sizes])
+        level = jnp.searchsorted(jnp.asarray(starts[1:-1], jnp.int32), index, side="right")  # [N, S]
+        local = index - jnp.asarray(starts[:-1], jnp.int32)[level]
+        pixel, anchor = local // a, local % a
+        width = jnp.asarray([w for _, w in sizes], jnp.int32)[level]
+        dy, dx = (d.reshape(-1) for d in np.meshgrid(np.arange(3) - 1, np.arange(3) - 1, indexing="ij"))
+        yy = (pixel // width)[..., None] + dy  # [N, S, 9] tap rows / columns, (dy, dx) row-major
+        xx = (pixel % width)[..., None] + dx
+        patches = None
+        for l, (f, (h, w)) in enumerate(zip(features, sizes)):
+            inside = (level[..., None] == l) & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            flat = jnp.where(inside, yy * w + xx, 0).reshape(n, s * 9, 1)
+            taps = jnp.take_along_axis(f.reshape(n, h * w, c), flat, axis=1)
+            taps = jnp.where(inside.reshape(n, s * 9, 1), taps, jnp.zeros((), f.dtype))
+            patches = taps if patches is None else patches + taps
+        patches = patches.reshape(n, s, 9 * c)
+        dtype = patches.dtype
+
+        def dense(conv: Conv2d, x: Array) -> Array:  # conv evaluated at the gathered positions
+            y = jnp.dot(x, conv.kernel[...].astype(dtype).reshape(-1, conv.out_features))
+            return y + conv.bias[...].astype(dtype)
+
+        t = jax.nn.relu(dense(self.conv, patches))  # [N, S, C]
+        logits = jnp.take_along_axis(dense(self.cls_logits, t), anchor[..., None], axis=2)[..., 0]
+        deltas = dense(self.bbox_pred, t).reshape(n, s, a, 4)
+        deltas = jnp.take_along_axis(deltas, anchor[..., None, None], axis=2)[:, :, 0]
+        return logits, deltas
 
 
 class RPN(nnx.Module):
@@ -139,9 +188,20 @@ def smooth_l1(x: Array, beta: float) -> Array:
     return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
 
 
-def rpn_losses(
-    logits: Array,
-    deltas: Array,
+class AnchorSamples(NamedTuple):
+    """The anchors each image's RPN losses use (static size S = ``batch_size_per_image``).
+
+    index [N, S] int32 into the anchors; is_pos, valid [N, S] bool (sampled positives come first;
+    slots with ``valid`` False are unused); target [N, S, 4] the encoded matched gt box of each slot.
+    """
+
+    index: Array
+    is_pos: Array
+    valid: Array
+    target: Array
+
+
+def sample_anchors(
     anchors: np.ndarray,
     gt_boxes: Array,
     gt_valid: Array,
@@ -152,31 +212,67 @@ def rpn_losses(
     bg_iou_thresh: float = 0.3,
     batch_size_per_image: int = 256,
     positive_fraction: float = 0.5,
-) -> tuple[Array, Array]:
-    """torchvision's RPN losses with static shapes.
+) -> AnchorSamples:
+    """torchvision's RPN anchor labelling and sampling, static shapes.
 
-    Anchors are matched (IoU >= 0.7 fg, < 0.3 bg, each gt's best anchors fg too), 256 per image are
-    sampled at up to half positive, objectness is sigmoid BCE averaged over the sampled anchors and
-    box regression is smooth-L1 (beta 1/9) summed over positives divided by the sampled count
-    (over the whole batch, as torchvision concatenates images).
+    Anchors are matched (IoU >= 0.7 fg, < 0.3 bg, each gt's best anchors fg too) and 256 per image
+    are sampled at up to half positive. Depends only on the anchors and the ground truth, not on
+    the head's outputs.
+
+    Args:
+      anchors: [T, 4]; gt_boxes: [N, G, 4]; gt_valid, gt_crowd: [N, G]; key: one PRNG key for the batch.
+    """
+    anchors = jnp.asarray(anchors)
+    keys = jax.random.split(key, gt_boxes.shape[0])
+
+    def per_image(boxes, valid, crowd, k):
+        matched, labels = match(anchors, boxes, valid, crowd, fg_thresh=fg_iou_thresh, bg_thresh=bg_iou_thresh,
+                                allow_low_quality=True)
+        idx, is_pos, ok = sample(labels, jnp.ones(labels.shape, bool), batch_size_per_image, positive_fraction, k)
+        target = box_ops.encode(boxes[matched[idx]], anchors[idx], RPN_BOX_WEIGHTS)
+        return AnchorSamples(index=idx, is_pos=is_pos, valid=ok, target=target)
+
+    return jax.vmap(per_image)(gt_boxes, gt_valid, gt_crowd, keys)
+
+
+def sampled_rpn_losses(logits: Array, deltas: Array, samples: AnchorSamples) -> tuple[Array, Array]:
+    """torchvision's RPN losses from the head's outputs at the sampled anchors.
+
+    Objectness is sigmoid BCE averaged over the sampled anchors and box regression is smooth-L1
+    (beta 1/9) summed over positives divided by the sampled count (over the whole batch, as
+    torchvision concatenates images).
+
+    Args:
+      logits: [N, S]; deltas: [N, S, 4], at ``samples.index`` (see :meth:`RPNHead.at_anchors`).
+    Returns:
+      (loss_objectness, loss_rpn_box_reg) scalars.
+    """
+    bce = optax.sigmoid_binary_cross_entropy(logits, samples.is_pos.astype(logits.dtype))
+    reg = smooth_l1(deltas - samples.target, 1.0 / 9).sum(-1)
+    denom = jnp.maximum(samples.valid.sum(), 1).astype(logits.dtype)
+    bce = jnp.sum(jnp.where(samples.valid, bce, 0.0))
+    return bce / denom, jnp.sum(jnp.where(samples.is_pos, reg, 0.0)) / denom
+
+
+def rpn_losses(
+    logits: Array,
+    deltas: Array,
+    anchors: np.ndarray,
+    gt_boxes: Array,
+    gt_valid: Array,
+    gt_crowd: Array,
+    key: Array,
+    **sampling,
+) -> tuple[Array, Array]:
+    """torchvision's RPN losses from the head's outputs at every anchor (:func:`sample_anchors`,
+    then :func:`sampled_rpn_losses`; ``sampling``: the former's keyword arguments).
 
     Args:
       logits: [N, T]; deltas: [N, T, 4]; anchors: [T, 4]; gt_boxes: [N, G, 4]; gt_valid, gt_crowd: [N, G].
     Returns:
       (loss_objectness, loss_rpn_box_reg) scalars.
     """
-    anchors = jnp.asarray(anchors)
-    keys = jax.random.split(key, logits.shape[0])
-
-    def per_image(logit, delta, boxes, valid, crowd, k):
-        matched, labels = match(anchors, boxes, valid, crowd, fg_thresh=fg_iou_thresh, bg_thresh=bg_iou_thresh,
-                                allow_low_quality=True)
-        idx, is_pos, ok = sample(labels, jnp.ones(labels.shape, bool), batch_size_per_image, positive_fraction, k)
-        bce = optax.sigmoid_binary_cross_entropy(logit[idx], is_pos.astype(logit.dtype))
-        target = box_ops.encode(boxes[matched[idx]], anchors[idx], RPN_BOX_WEIGHTS)
-        reg = smooth_l1(delta[idx] - target, 1.0 / 9).sum(-1)
-        return jnp.sum(jnp.where(ok, bce, 0.0)), jnp.sum(jnp.where(is_pos, reg, 0.0)), ok.sum()
-
-    bce, reg, count = jax.vmap(per_image)(logits, deltas, gt_boxes, gt_valid, gt_crowd, keys)
-    denom = jnp.maximum(count.sum(), 1).astype(logits.dtype)
-    return bce.sum() / denom, reg.sum() / denom
+    samples = sample_anchors(anchors, gt_boxes, gt_valid, gt_crowd, key, **sampling)
+    picked = jnp.take_along_axis(logits, samples.index, axis=1)
+    picked_deltas = jnp.take_along_axis(deltas, samples.index[..., None], axis=1)
+    return sampled_rpn_losses(picked, picked_deltas, samples)
