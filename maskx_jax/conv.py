@@ -19,9 +19,12 @@ gradients.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
+
+from maskx_jax import winograd
 
 Array = jax.Array
 
@@ -142,11 +145,38 @@ def canonical_gradients(platform: str | None = None) -> bool:
     return (platform or jax.default_backend()) == "cpu"
 
 
+_WINOGRAD_ENV = "MASKX_JAX_WINOGRAD"
+_winograd = os.environ.get(_WINOGRAD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_winograd(enabled: bool) -> None:
+    """Let :func:`conv2d` take Winograd F(4x4, 3x3) where it is faster (CPU, float32; the default).
+
+    Off, every convolution is XLA's direct one (rounding ~1e-7 instead of ~5e-6 relative; see
+    :mod:`maskx_jax.winograd`). Read when a function is traced: set it before jit-compiling.
+    The environment variable ``MASKX_JAX_WINOGRAD=0`` sets it off at import.
+    """
+    global _winograd
+    _winograd = bool(enabled)
+
+
+def winograd_enabled() -> bool:
+    """Whether :func:`conv2d` may take the Winograd form (see :func:`set_winograd`)."""
+    return _winograd
+
+
 def conv2d(x: Array, kernel: Array, stride: int = 1, padding: int = 0) -> Array:
-    """torch ``conv2d`` with symmetric zero padding: x [N, H, W, I], kernel [kh, kw, I, O] -> [N, H', W', O]."""
+    """torch ``conv2d`` with symmetric zero padding: x [N, H, W, I], kernel [kh, kw, I, O] -> [N, H', W', O].
+
+    On CPU, a stride-1 3x3 float32 convolution over enough output tiles and channels is computed by
+    Winograd F(4x4, 3x3) (:mod:`maskx_jax.winograd`; :func:`set_winograd` turns it off); the other
+    convolutions are XLA's, with the gradients described in the module docstring.
+    """
     k = kernel.shape[0]
     if not canonical_gradients() or kernel.shape[1] != k:
         return _conv(x, kernel, stride, padding)
+    if _winograd and winograd.applies(x.shape, kernel.shape, stride, padding, x.dtype):
+        return winograd.conv2d(x, kernel, padding)
     if k == 1 and padding == 0 and stride > 1:
         # A strided 1x1 convolution (ResNet's downsample) reads every stride-th pixel: subsample, then
         # the stride-1 path (same products and sums; XLA's own filter gradient for it is a dilated
