@@ -29,10 +29,13 @@ demo: $(STAMP)
 # maskx_jax vs torchvision (speed, compile, memory, FLOPs), the large-vocabulary mask branch, then the
 # training step's convolutions one by one. Tables: benchmarks/results/*.md. Measure on a quiet machine:
 # every figure is a wall-clock median.
+# Every benchmark process gets glibc's transparent-huge-page advice (benchmarks/common.py says why).
+HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
+
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
-	$(PY) benchmarks/large_vocab.py
-	$(PY) benchmarks/conv_layers.py
+	$(HUGEPAGES) $(PY) benchmarks/run.py
+	$(HUGEPAGES) $(PY) benchmarks/large_vocab.py
+	$(HUGEPAGES) $(PY) benchmarks/conv_layers.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -5,7 +5,8 @@
     python benchmarks/run.py --only roi_align,train
 
 Each case runs in a fresh subprocess (its peak RSS is its own; no JAX compilation cache), the two
-frameworks one after the other on the same weights and inputs. Results go to
+frameworks one after the other on the same weights and inputs, every one of them with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` added to its environment (see ``benchmarks/common.py``). Results go to
 ``benchmarks/results/bench.json`` (every raw time) and ``bench.md`` (the tables quoted in the README).
 See ``benchmarks/cases.py`` for exactly what each case measures.
 """
@@ -20,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, environment, write_results  # noqa: E402
+from benchmarks.common import ROOT, environment, with_hugepages, write_results  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 
 SIZES = ((800, 1333), (512, 512))
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CASES[spec["case"]](**kwargs)), flush=True)
         return 0
 
+    # Every case process (both frameworks) starts with glibc's huge-page advice (benchmarks/common.py).
+    os.environ["GLIBC_TUNABLES"] = with_hugepages(os.environ)["GLIBC_TUNABLES"]
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
     specs = plan(args.quick, only, args.smoke)
     rows = []

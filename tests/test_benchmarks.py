@@ -73,8 +73,10 @@ def test_conv_layers_lists_the_steps_convolutions_and_times_both_frameworks(tmp_
     # layer2-4: 13 + 19 + 10 convolutions (3 per bottleneck + a downsample each), FPN 4 lateral + 4 output,
     # RPN 3x3 and 1x1 on P2-P6
     assert sum(shapes.values()) == 42 + 8 + 10
-    assert sum(n for (h, w, ci, co, k, s), n in shapes.items() if s == 2) == 6
-    assert shapes[(200, 336, 256, 256, 3, 1)] == 2  # FPN output and RPN conv at P2 of the 800x1344 batch
+    assert sum(n for (h, w, ci, co, k, s, _), n in shapes.items() if s == 2) == 6
+    # at P2 of the 800x1344 batch: the FPN output conv (differentiated) and the RPN conv (forward only)
+    assert shapes[(200, 336, 256, 256, 3, 1, True)] == shapes[(200, 336, 256, 256, 3, 1, False)] == 1
+    assert sum(n for key, n in shapes.items() if not key[6]) == 10  # the RPN head's, P2-P6
     proc = _run(["benchmarks/conv_layers.py", "--sizes", "64x64", "--repeats", "1"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "conv_layers.json").read_text())
@@ -84,3 +86,4 @@ def test_conv_layers_lists_the_steps_convolutions_and_times_both_frameworks(tmp_
     assert size["total_jax_s"] == pytest.approx(sum(r["count"] * r["jax_s"] for r in size["rows"]))
     table = (tmp_path / "conv_layers.md").read_text()
     assert "**64x64, batch 2**" in table and "| 3x3/2 128->128 at 16x16 | 1 |" in table
+    assert "| 3x3 256->256 at 16x16 (RPN) | 1 |" in table
