@@ -12,6 +12,7 @@ arguments (parameters + optimiser state + its batch shard), outputs (the new sta
 the arguments' buffers) and temporaries (activations kept for the backward pass, gradients,
 workspace). The figures are the XLA CPU backend's buffer assignment; GPU and TPU backends
 assign (and fuse) differently, so read them as the size of the problem, within tens of percent.
+Winograd convolutions, which only the CPU takes, are turned off for it.
 Writes ``benchmarks/results/pod_memory.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -55,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from benchmarks.common import write_results
+    from maskx_jax.conv import set_winograd
     from maskx_jax.config import base_config
     from maskx_jax.train_lib import Trainer
     from maskx_jax.types import Batch
 
     jax.config.update("jax_enable_compilation_cache", False)
+    # Winograd convolutions are a CPU-only path (maskx_jax/winograd.py); a pod's GPUs/TPUs run XLA's own
+    # convolutions, so the figures leave it out. (The CPU gradient forms of maskx_jax/conv.py stay:
+    # they change the temporaries by ~0.01-0.02 GiB.)
+    set_winograd(False)
     rows = []
     for depth in (int(d) for d in args.depths.split(",")):
         for dtype in args.dtypes.split(","):

@@ -112,3 +112,44 @@ def test_conv2d_dispatch_and_switch_off():
                                       np.asarray(jax.jit(lambda a, b: _direct(a, b, 1))(xr, k)))
     finally:
         conv_lib.set_winograd(True)
+
+
+_SHARDED_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from maskx_jax import conv as conv_lib, winograd
+assert jax.device_count() == 8
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((8, 32, 32, 128)), jnp.float32)
+k = jnp.asarray(rng.standard_normal((3, 3, 128, 128)) / 34.0, jnp.float32)
+assert winograd.applies(x.shape, k.shape, 1, 1, x.dtype)
+g = jnp.asarray(rng.standard_normal((8, 32, 32, 128)), jnp.float32)
+def value_and_grads(x, k, g):
+    y, vjp = jax.vjp(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, k)
+    return (y, *vjp(g))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+sharded = jax.jit(value_and_grads, in_shardings=(data, rep, data), out_shardings=(data, data, rep))
+y8, gx8, gk8 = sharded(jax.device_put(x, data), jax.device_put(k, rep), jax.device_put(g, data))
+y1, gx1, gk1 = jax.jit(value_and_grads)(x, k, g)
+assert len(y8.sharding.device_set) == 8
+for a, b in ((y8, y1), (gx8, gx1), (gk8, gk1)):
+    err = float(jnp.max(jnp.abs(a - b))) / float(jnp.max(jnp.abs(b)))
+    assert err < 1e-5, err
+print("ok")
+"""
+
+
+def test_batch_sharded_over_8_devices_equals_1():
+    """Under data parallelism the transforms and the 36 products are partitioned by XLA's SPMD pass
+    (the tiles axis follows the image axis; the kernel gradient's sum over tiles becomes an all-reduce)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
