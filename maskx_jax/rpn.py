@@ -66,8 +66,8 @@ class RPNHead(nnx.Module):
 
         Why: the RPN losses read the head at 256 sampled anchors per image. Differentiating the dense
         head instead runs both gradient convolutions of its 3x3 conv over every pixel of every level
-        (the cotangent is zero everywhere but at those anchors): about a quarter of a training step's
-        convolution work. Here each sampled anchor's 3x3 neighbourhood (zero outside the map, as the
+        (the cotangent is zero everywhere but at those anchors): ~100 of the ~590 GFLOP of a 512x512
+        R-50-FPN step with 2 images. Here each sampled anchor's 3x3 neighbourhood (zero outside the map, as the
         conv's padding) is gathered from its level and the conv and the two 1x1 convs are evaluated
         there as matrix products, so the backward pass is a scatter of S x 9 pixels and a few
         [S, 9C] x [9C, C] products.
@@ -262,17 +262,24 @@ def rpn_losses(
     gt_valid: Array,
     gt_crowd: Array,
     key: Array,
-    **sampling,
+    *,
+    fg_iou_thresh: float = 0.7,
+    bg_iou_thresh: float = 0.3,
+    batch_size_per_image: int = 256,
+    positive_fraction: float = 0.5,
 ) -> tuple[Array, Array]:
-    """torchvision's RPN losses from the head's outputs at every anchor (:func:`sample_anchors`,
-    then :func:`sampled_rpn_losses`; ``sampling``: the former's keyword arguments).
+    """torchvision's RPN losses from the head's outputs at every anchor: :func:`sample_anchors`, then
+    :func:`sampled_rpn_losses` on the sampled ones. (Training evaluates the head at the sampled anchors
+    only, ``RPNHead.at_anchors``; this dense form is the plain statement it is tested against.)
 
     Args:
       logits: [N, T]; deltas: [N, T, 4]; anchors: [T, 4]; gt_boxes: [N, G, 4]; gt_valid, gt_crowd: [N, G].
     Returns:
       (loss_objectness, loss_rpn_box_reg) scalars.
     """
-    samples = sample_anchors(anchors, gt_boxes, gt_valid, gt_crowd, key, **sampling)
+    samples = sample_anchors(anchors, gt_boxes, gt_valid, gt_crowd, key, fg_iou_thresh=fg_iou_thresh,
+                             bg_iou_thresh=bg_iou_thresh, batch_size_per_image=batch_size_per_image,
+                             positive_fraction=positive_fraction)
     picked = jnp.take_along_axis(logits, samples.index, axis=1)
     picked_deltas = jnp.take_along_axis(deltas, samples.index[..., None], axis=1)
     return sampled_rpn_losses(picked, picked_deltas, samples)
