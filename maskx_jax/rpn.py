@@ -252,34 +252,3 @@ def sampled_rpn_losses(logits: Array, deltas: Array, samples: AnchorSamples) -> 
     denom = jnp.maximum(samples.valid.sum(), 1).astype(logits.dtype)
     bce = jnp.sum(jnp.where(samples.valid, bce, 0.0))
     return bce / denom, jnp.sum(jnp.where(samples.is_pos, reg, 0.0)) / denom
-
-
-def rpn_losses(
-    logits: Array,
-    deltas: Array,
-    anchors: np.ndarray,
-    gt_boxes: Array,
-    gt_valid: Array,
-    gt_crowd: Array,
-    key: Array,
-    *,
-    fg_iou_thresh: float = 0.7,
-    bg_iou_thresh: float = 0.3,
-    batch_size_per_image: int = 256,
-    positive_fraction: float = 0.5,
-) -> tuple[Array, Array]:
-    """torchvision's RPN losses from the head's outputs at every anchor: :func:`sample_anchors`, then
-    :func:`sampled_rpn_losses` on the sampled ones. (Training evaluates the head at the sampled anchors
-    only, ``RPNHead.at_anchors``; this dense form is the plain statement it is tested against.)
-
-    Args:
-      logits: [N, T]; deltas: [N, T, 4]; anchors: [T, 4]; gt_boxes: [N, G, 4]; gt_valid, gt_crowd: [N, G].
-    Returns:
-      (loss_objectness, loss_rpn_box_reg) scalars.
-    """
-    samples = sample_anchors(anchors, gt_boxes, gt_valid, gt_crowd, key, fg_iou_thresh=fg_iou_thresh,
-                             bg_iou_thresh=bg_iou_thresh, batch_size_per_image=batch_size_per_image,
-                             positive_fraction=positive_fraction)
-    picked = jnp.take_along_axis(logits, samples.index, axis=1)
-    picked_deltas = jnp.take_along_axis(deltas, samples.index[..., None], axis=1)
-    return sampled_rpn_losses(picked, picked_deltas, samples)

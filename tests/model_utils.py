@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
+from flax import nnx
 
 from maskx_jax.detector import DetectorConfig
 from maskx_jax.types import Batch
@@ -41,3 +43,13 @@ def synthetic_batch(seed: int = 0, n: int = 2, size: int = 64, g: int = 4, num_c
         gt_crowd=np.zeros((n, g), bool), gt_has_mask=hm & valid,
         gt_masks=np.broadcast_to(disk, (n, g, crop, crop)).copy(),
         image_ids=np.arange(n, dtype=np.int32), original_sizes=np.full((n, 2), size, np.int32))
+
+
+def loss_and_grads(model, batch: Batch, seed: int = 0):
+    """Jitted ``((total, parts), grads)`` of ``model.losses`` w.r.t. its ``nnx.Param``s (an nnx.State)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(p):
+        return nnx.merge(graphdef, p, rest).losses(batch, jax.random.PRNGKey(seed))
+
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from maskx_jax.config import base_config, validate
 from maskx_jax.detector import MaskRCNN
-from tests.model_utils import synthetic_batch, tiny_config
+from tests.model_utils import loss_and_grads, synthetic_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +22,10 @@ def pair():
     return f32, bf16
 
 
-def _loss_and_grads(model, batch):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def f(p):
-        return nnx.merge(graphdef, p, rest).losses(batch, jax.random.PRNGKey(0))
-
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
-
-
 def test_bfloat16_losses_and_gradients_track_float32(pair):
     batch = jax.tree.map(jnp.asarray, synthetic_batch(seed=3))
-    (t32, parts32), _ = _loss_and_grads(pair[0], batch)
-    (t16, parts16), g16 = _loss_and_grads(pair[1], batch)
+    (t32, parts32), _ = loss_and_grads(pair[0], batch)
+    (t16, parts16), g16 = loss_and_grads(pair[1], batch)
     assert t16.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in parts16.values())
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16)), "parameter gradients must stay float32"
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g16))

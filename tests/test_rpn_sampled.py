@@ -15,8 +15,8 @@ from flax import nnx
 
 from maskx_jax import detector as detector_lib
 from maskx_jax.detector import MaskRCNN
-from maskx_jax.rpn import RPNHead, rpn_losses, sample_anchors, sampled_rpn_losses
-from tests.model_utils import synthetic_batch, tiny_config
+from maskx_jax.rpn import RPNHead, sample_anchors, sampled_rpn_losses
+from tests.model_utils import loss_and_grads, synthetic_batch, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +81,7 @@ def test_at_anchors_bfloat16_keeps_dtype():
 
 
 def test_sampled_losses_and_gradients_equal_dense_form():
-    """Same losses, same gradients for the features and the head's weights as rpn_losses on the dense head."""
+    """Same losses, same gradients for the features and the head's weights as the dense head's."""
     head = RPNHead(16, 3, rngs=nnx.Rngs(1))
     feats = _features(4)
     batch = synthetic_batch(seed=2, size=48)
@@ -97,8 +97,9 @@ def test_sampled_losses_and_gradients_equal_dense_form():
         return sum(sampled_rpn_losses(lo, de, s))
 
     def dense(p, f):
-        lo, de = nnx.merge(graphdef, p)(f)
-        return sum(rpn_losses(lo, de, anchors, *gt, key, batch_size_per_image=64))
+        s = sample_anchors(anchors, *gt, key, batch_size_per_image=64)
+        lo, de = _dense_at(nnx.merge(graphdef, p), f, s.index)
+        return sum(sampled_rpn_losses(lo, de, s))
 
     (v1, (gp1, gf1)), (v2, (gp2, gf2)) = (jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(params, feats)
                                           for fn in (sampled, dense))
@@ -109,15 +110,6 @@ def test_sampled_losses_and_gradients_equal_dense_form():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
 
 
-def _loss_and_grads(model, batch):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def f(p):
-        return nnx.merge(graphdef, p, rest).losses(batch, jax.random.PRNGKey(3))
-
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
-
-
 def test_training_losses_and_gradients_equal_dense_head_reference(monkeypatch):
     """MaskRCNN.losses (detached dense head + at_anchors) against the same losses with the dense head
     differentiated and gathered: every loss and every parameter's gradient agree."""
@@ -125,12 +117,12 @@ def test_training_losses_and_gradients_equal_dense_head_reference(monkeypatch):
     for conv in (model.rpn.head.cls_logits, model.rpn.head.bbox_pred):  # a head that is not ~0
         conv.kernel[...] = conv.kernel[...] * 20
     batch = jax.tree.map(jnp.asarray, synthetic_batch(seed=5))
-    (total, parts), grads = _loss_and_grads(model, batch)
+    (total, parts), grads = loss_and_grads(model, batch, seed=3)
 
     undetached = MaskRCNN._rpn
     monkeypatch.setattr(MaskRCNN, "_rpn", lambda self, feats, hw, detached=False: undetached(self, feats, hw))
     monkeypatch.setattr(RPNHead, "at_anchors", _dense_at)
-    (ref_total, ref_parts), ref_grads = _loss_and_grads(model, batch)
+    (ref_total, ref_parts), ref_grads = loss_and_grads(model, batch, seed=3)
 
     for k in parts:
         np.testing.assert_allclose(float(parts[k]), float(ref_parts[k]), rtol=2e-5, err_msg=k)
