@@ -1,7 +1,7 @@
 """Winograd F(4x4, 3x3) convolution: stride-1 3x3 convolutions with 4x fewer multiplications.
 
 Why: on CPU most of a Mask R-CNN step is 3x3 convolutions (the FPN output and RPN convolutions at
-P2/P3 alone are about a third of its FLOPs), and XLA:CPU's direct convolution already runs them near
+P2/P3 alone are ~40% of a 512x512 training step's FLOPs), and XLA:CPU's direct convolution already runs them near
 the machine's matrix-product peak, so only a cheaper algorithm makes them faster. Winograd's minimal
 filtering algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes
 each 4x4 block of outputs from the 6x6 input tile around it as
@@ -11,8 +11,8 @@ each 4x4 block of outputs from the 6x6 input tile around it as
 i.e. 36 products per (input channel, output channel) pair where the direct form needs 16 x 9 = 144.
 Over channels the elementwise product becomes 36 independent matrix products [P, C] x [C, O] (P =
 number of 4x4 output tiles), which XLA runs at its dot rate; the transforms are cheap elementwise
-passes (input: separable, output: one [16, 36] matrix product). cuDNN and oneDNN choose the same
-algorithm for such shapes on their own; XLA:CPU does not.
+passes (input: separable, output: one [16, 36] matrix product). GPU libraries such as cuDNN have
+this algorithm among those they pick from; XLA:CPU has none.
 
 Numerics: the transforms use the interpolation points 0, ±1, ±2, ∞, whose coefficients (up to 8 and
 1/24) cost float32 accuracy: outputs differ from the direct convolution by ~5e-6 relative to their
@@ -27,8 +27,8 @@ Gradients (a custom VJP; the residuals are the input and the kernel, as for the 
     dk = G^T dU G.
 
 Where it pays (measured on a 2-core AVX-512 CPU, forward + both gradients against XLA's direct
-convolution): with at least ~512 output tiles and 128+ channels, 1.1-1.9x (the FPN's P2 convolution
-of a 512x512 image 1.6x, of 800x1333 1.85x); with fewer tiles the 36 kernel transforms and the small
+convolution): with at least ~512 output tiles and 128+ channels, 1.07-1.85x (the FPN's P2 convolution
+of a 512x512 image 1.6x, of 800x1333 1.85x, layer2's at 512 tiles 1.07x); with fewer tiles the 36 kernel transforms and the small
 matrix products cost more than they save. :func:`applies` encodes that rule.
 """
 from __future__ import annotations
