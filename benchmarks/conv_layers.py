@@ -120,7 +120,8 @@ def time_torch(shape: tuple, batch: int, repeats: int) -> float:
 
 def run(height: int, width: int, batch: int, repeats: int) -> dict:
     rows = []
-    for key, count in sorted(step_convolutions(height, width).items(), key=lambda kv: (-kv[0][0] * kv[0][1], kv[0])):
+    by_map_size = sorted(step_convolutions(height, width).items(), key=lambda kv: (-kv[0][0] * kv[0][1], kv[0]))
+    for key, count in by_map_size:
         shape, differentiate = key[:6], key[6]
         tj, tt = time_jax(shape, batch, repeats, differentiate), time_torch(shape, batch, repeats)
         fwd_gflop = _gflop(*shape, batch)
@@ -135,8 +136,8 @@ def run(height: int, width: int, batch: int, repeats: int) -> dict:
 
 
 def _label(key: tuple) -> str:
-    h, w, cin, cout, k, s = key[:6]
-    rpn = "" if len(key) < 7 or key[6] else " (RPN)"
+    h, w, cin, cout, k, s, differentiated = key
+    rpn = "" if differentiated else " (RPN)"
     return f"{k}x{k}{'/' + str(s) if s > 1 else ''} {cin}->{cout} at {h}x{w}{rpn}"
 
 

@@ -6,9 +6,9 @@
 
 Each case runs in a fresh subprocess (its peak RSS is its own; no JAX compilation cache), the two
 frameworks one after the other on the same weights and inputs, every one of them with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` added to its environment (see ``benchmarks/common.py``). Results go to
-``benchmarks/results/bench.json`` (every raw time) and ``bench.md`` (the tables quoted in the README).
-See ``benchmarks/cases.py`` for exactly what each case measures.
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` added to its environment (see ``benchmarks/common.py``).
+Results go to ``benchmarks/results/bench.json`` (every raw time) and ``bench.md`` (the tables quoted in
+the README). See ``benchmarks/cases.py`` for exactly what each case measures.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Winograd F(4x4, 3x3) convolution: stride-1 3x3 convolutions with 4x fewer multiplications.
 
 Why: on CPU most of a Mask R-CNN step is 3x3 convolutions (the FPN output and RPN convolutions at
-P2/P3 alone are ~40% of a 512x512 training step's FLOPs), and XLA:CPU's direct convolution already runs them near
-the machine's matrix-product peak, so only a cheaper algorithm makes them faster. Winograd's minimal
+P2/P3 alone are ~40% of a 512x512 training step's FLOPs), and XLA:CPU's direct convolution already
+runs them near the machine's matrix-product peak, so only a cheaper algorithm makes them faster. Winograd's minimal
 filtering algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes
 each 4x4 block of outputs from the 6x6 input tile around it as
 
@@ -27,9 +27,9 @@ Gradients (a custom VJP; the residuals are the input and the kernel, as for the 
     dk = G^T dU G.
 
 Where it pays (measured on a 2-core AVX-512 CPU, forward + both gradients against XLA's direct
-convolution): with at least ~512 output tiles and 128+ channels, 1.07-1.85x (the FPN's P2 convolution
-of a 512x512 image 1.6x, of 800x1333 1.85x, layer2's at 512 tiles 1.07x); with fewer tiles the 36 kernel transforms and the small
-matrix products cost more than they save. :func:`applies` encodes that rule.
+convolution): with at least ~512 output tiles and 128+ channels, 1.07-1.85x (the FPN's P2
+convolution of a 512x512 image 1.6x, of 800x1333 1.85x, layer2's at 512 tiles 1.07x); with fewer
+tiles the 36 kernel transforms and the small matrix products cost more than they save. :func:`applies` encodes that rule.
 """
 from __future__ import annotations
 
@@ -78,7 +78,9 @@ def output_tiles(n: int, h: int, w: int, padding: int) -> tuple[int, int, int, i
 
 def applies(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int, padding: int, dtype) -> bool:
     """Whether :func:`conv2d` is the faster form for this convolution (see the module docstring)."""
-    if tuple(kernel_shape[:2]) != (3, 3) or stride != 1 or not 0 <= padding <= 2 or jnp.dtype(dtype) != jnp.float32:
+    if tuple(kernel_shape[:2]) != (3, 3) or stride != 1 or not 0 <= padding <= 2:
+        return False
+    if jnp.dtype(dtype) != jnp.float32:
         return False
     n, h, w, c = x_shape
     ho, wo, th, tw = output_tiles(n, h, w, padding)

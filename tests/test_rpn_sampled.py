@@ -77,7 +77,8 @@ def test_at_anchors_bfloat16_keeps_dtype():
     logits, deltas = head.at_anchors(feats, index)
     assert logits.dtype == deltas.dtype == jnp.bfloat16
     ref_l, _ = _dense_at(head, [f.astype(jnp.float32) for f in feats], index)
-    np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(ref_l), atol=0.02 * float(jnp.max(jnp.abs(ref_l))))
+    scale = float(jnp.max(jnp.abs(ref_l)))
+    np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(ref_l), atol=0.02 * scale)
 
 
 def test_sampled_losses_and_gradients_equal_dense_form():
