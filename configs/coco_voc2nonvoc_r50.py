@@ -1,7 +1,9 @@
 """Paper experiment: COCO, set A = the 20 VOC classes (masks), set B = the other 60 (boxes only),
 Mask^X R-CNN (cls+box, 2-layer LeakyReLU tau, stop-grad, MLP fusion), ResNet-50-FPN, the paper's
 schedule: 16 images per batch, LR 0.02, decay at 60k and 80k of 90k steps, weight decay 1e-4,
-800/1333 images, 512 RoIs per image.
+800/1333 images, 512 RoIs per image; Detectron's recipe as the paper trained with it (box predictor
+init N(0, 0.01) / N(0, 0.001), biases at 2x LR without decay, warmup 500 steps from 1/3, box smooth-L1
+beta 1, binarised mask targets: ``maskx_jax.config.RECIPES``).
 
 Needs the COCO 2017 files locally and an ImageNet backbone converted with
 ``python -m convert.from_torch --arch resnet50 --checkpoint resnet50.pth --output ckpt/r50``:
@@ -12,11 +14,11 @@ Needs the COCO 2017 files locally and an ImageNet backbone converted with
     --config.data.val_json=coco/annotations/instances_val2017.json \
     --config.data.val_images=coco/val2017 --config.train.init_checkpoint=ckpt/r50
 """
-from maskx_jax.config import base_config
+from maskx_jax.config import apply_recipe, base_config
 
 
 def get_config():
-    c = base_config()
+    c = apply_recipe(base_config(), "detectron")
     c.model.depth = 50
     c.model.mask_mode = "transfer"
     c.model.transfer_input = "cls+box"

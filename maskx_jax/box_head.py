@@ -17,6 +17,10 @@ from maskx_jax.rpn import smooth_l1
 Array = jax.Array
 
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# How a box predictor trained from scratch is initialised: torch's nn.Linear default (torchvision), or
+# Detectron's (seg_every_thing lib/modeling/fast_rcnn_heads.py): cls_score N(0, 0.01), bbox_pred
+# N(0, 0.001), zero biases. Mask^X's tau reads exactly these weights, so their scale at the start matters.
+BOX_PREDICTOR_INITS = ("torch", "detectron")
 
 
 def _torch_linear_init(fan_in: int):
@@ -53,12 +57,25 @@ class TwoMLPHead(nnx.Module):
 class FastRCNNPredictor(nnx.Module):
     """``cls_score`` [rep -> K+1] and class-specific ``bbox_pred`` [rep -> 4(K+1)], class-major
     (columns 4k..4k+3 are class k), so ``bbox_pred.kernel.T.reshape(K+1, 4*rep)`` is the per-class
-    box embedding Mask^X's weight transfer reads."""
+    box embedding Mask^X's weight transfer reads.
 
-    def __init__(self, representation: int = 1024, num_classes: int = 91, *, rngs: nnx.Rngs):
+    init: one of :data:`BOX_PREDICTOR_INITS` (``'torch'``: U(+-1/sqrt(rep)) weights and biases;
+    ``'detectron'``: N(0, 0.01) / N(0, 0.001) weights, zero biases).
+    """
+
+    def __init__(self, representation: int = 1024, num_classes: int = 91, *, init: str = "torch", rngs: nnx.Rngs):
+        if init not in BOX_PREDICTOR_INITS:
+            raise ValueError(f"unknown box predictor init {init!r}; expected one of {BOX_PREDICTOR_INITS}")
         self.num_classes: int = num_classes
-        self.cls_score = _linear(representation, num_classes, rngs)
-        self.bbox_pred = _linear(representation, 4 * num_classes, rngs)
+        if init == "torch":
+            self.cls_score = _linear(representation, num_classes, rngs)
+            self.bbox_pred = _linear(representation, 4 * num_classes, rngs)
+        else:
+            zeros = nnx.initializers.zeros_init()
+            self.cls_score = Linear(representation, num_classes, kernel_init=nnx.initializers.normal(0.01),
+                                    bias_init=zeros, rngs=rngs)
+            self.bbox_pred = Linear(representation, 4 * num_classes, kernel_init=nnx.initializers.normal(0.001),
+                                    bias_init=zeros, rngs=rngs)
 
     def __call__(self, x: Array) -> tuple[Array, Array]:
         """x: [..., rep] -> (class logits [..., K+1], box deltas [..., 4(K+1)])."""
@@ -161,11 +178,13 @@ def sample_rois(
     return jax.vmap(per_image)(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, gt_crowd, keys)
 
 
-def box_losses(class_logits: Array, box_deltas: Array, samples: RoISamples, gt_boxes: Array) -> tuple[Array, Array]:
-    """torchvision ``fastrcnn_loss``: cross-entropy over sampled RoIs and smooth-L1 (beta 1/9) on the
-    gt class's deltas of positive RoIs, both divided by the number of sampled RoIs in the batch.
+def box_losses(class_logits: Array, box_deltas: Array, samples: RoISamples, gt_boxes: Array,
+               beta: float = 1.0 / 9) -> tuple[Array, Array]:
+    """torchvision ``fastrcnn_loss``: cross-entropy over sampled RoIs and smooth-L1 on the gt class's
+    deltas of positive RoIs, both divided by the number of sampled RoIs in the batch.
 
-    class_logits [N, S, K+1]; box_deltas [N, S, 4(K+1)]; gt_boxes [N, G, 4].
+    class_logits [N, S, K+1]; box_deltas [N, S, 4(K+1)]; gt_boxes [N, G, 4]. ``beta``: the smooth-L1
+    transition point, 1/9 in torchvision, 1 in Detectron's Fast R-CNN head (both keep 1/9 in the RPN).
     """
     n, s, k1 = class_logits.shape
     denom = jnp.maximum(samples.valid.sum(), 1).astype(class_logits.dtype)
@@ -175,6 +194,6 @@ def box_losses(class_logits: Array, box_deltas: Array, samples: RoISamples, gt_b
     own = jnp.take_along_axis(deltas, samples.labels[..., None, None], axis=2)[:, :, 0]  # [N, S, 4]
     matched_boxes = jnp.take_along_axis(gt_boxes, samples.matched[..., None], axis=1)
     target = box_ops.encode(matched_boxes, jax.lax.stop_gradient(samples.rois), ROI_BOX_WEIGHTS)
-    reg = smooth_l1(own - target, 1.0 / 9).sum(-1)
+    reg = smooth_l1(own - target, beta).sum(-1)
     loss_box = jnp.sum(jnp.where(samples.is_pos, reg, 0.0)) / denom
     return loss_cls, loss_box

@@ -10,13 +10,15 @@ from __future__ import annotations
 import ml_collections
 
 from maskx_jax import optim
+from maskx_jax.box_head import BOX_PREDICTOR_INITS
 
-MASK_MODES = ("class_specific", "class_agnostic", "transfer")
-TRANSFER_INPUTS = ("cls", "box", "cls+box")
+MASK_MODES = ("class_specific", "class_agnostic", "transfer", "none")
+TRANSFER_INPUTS = ("cls", "box", "cls+box", "random")
 ACTIVATIONS = ("leaky_relu", "relu")
 NORMS = ("frozen_bn", "group_norm")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SOURCES = ("synthetic", "coco", "tfds")
+SYNTHETIC_VARIANTS = ("shapes10", "shapes24")  # maskx_jax.data.synthetic.VARIANTS
 MASK_SUPERVISION = ("by_class", "by_annotation")
 BOX_SOURCES = ("", "coco", "tfds", "synthetic")  # data.box_source ("" = none)
 UNMATCHED_POLICIES = ("error", "add")  # data.box_source_unmatched
@@ -36,8 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.aligned = False  # RoIAlign pixel alignment (True = Detectron2's ROIAlignV2)
     m.sampling_ratio = 2  # RoIAlign samples per bin side (>= 1: static shapes)
     # Mask^X: how the per-class mask weights are produced
-    m.mask_mode = "transfer"  # class_specific (oracle Mask R-CNN) | class_agnostic | transfer
-    m.transfer_input = "cls+box"  # cls | box | cls+box: which detection weights embed a class
+    m.mask_mode = "transfer"  # class_specific (oracle Mask R-CNN) | class_agnostic | transfer | none (box-only)
+    m.transfer_input = "cls+box"  # cls | box | cls+box: which detection weights embed a class; random: a control
+    # (fixed N(0, 1) vectors per class instead of detection weights, the paper's Table 1a "random")
     m.transfer_layers = 2  # tau depth: 1, 2 or 3 FC layers
     m.transfer_hidden = 256  # tau hidden width (and the mask feature width it must match)
     m.transfer_activation = "leaky_relu"  # leaky_relu (slope 0.1) | relu
@@ -66,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.mask_slot_buckets = (8, 16, 32, 64)  # smaller mask-branch sizes picked when positives / detections are few (exact)
     m.box_roi_size = 7  # RoIAlign output for the box head
     m.mask_roi_size = 14  # mask logits are 2x this (28x28)
+    # Training recipe: torchvision's values here; apply_recipe(c, "detectron") sets the paper's (see RECIPES)
+    m.box_predictor_init = "torch"  # torch: U(+-1/sqrt(rep)) | detectron: N(0, 0.01) / N(0, 0.001), zero biases
+    m.box_reg_beta = 1.0 / 9  # smooth-L1 beta of the Fast R-CNN box loss (the RPN's stays 1/9)
+    m.binarize_mask_targets = False  # mask targets thresholded at 0.5 (Detectron) instead of soft RoIAlign averages
     m.dtype = "float32"  # compute dtype of convs/FCs: float32 | bfloat16 (params, boxes, NMS and losses stay float32)
 
     c.data = d = ml_collections.ConfigDict()
@@ -99,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.synthetic_num_val = 100  # synthetic validation images
     d.synthetic_image_size = 128  # synthetic image side in pixels
     d.synthetic_seed = 0  # synthetic generator seed
+    d.synthetic_variant = "shapes10"  # shapes10 (10 classes) | shapes24 (24 classes, camouflaged objects)
     d.synthetic_mask_fraction = ""  # e.g. "ring:0,star:0.5": per class, the fraction of synthetic TRAINING instances that keep their mask (unlisted: 1); the others become box-only
     # a second, box-only training source (Mask^X: boxes from one dataset, masks from data.source)
     d.box_source = ""  # "" (none) | coco | tfds (data.tfds_* keys) | synthetic (built-in generator, data.synthetic_seed + 1)
@@ -119,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.warmup_factor = 0.001  # warmup starts at lr * this
     t.lr_steps = (60000, 80000)  # multiply the lr by lr_gamma at each of these steps
     t.lr_gamma = 0.1  # step decay factor
+    t.bias_lr_factor = 1.0  # biases' updates times this (Detectron: 2, i.e. 2x learning rate)
+    t.bias_weight_decay = True  # weight decay on biases too (torchvision) or not (Detectron)
     t.clip_grad_norm = 0.0  # > 0: clip gradients to this global norm (0 = off, as in the paper)
     t.seed = 0  # parameter init, RoI/anchor sampling, data order and flips
     t.init_checkpoint = ""  # converted torchvision checkpoint (detector, box-only detector or resnet backbone)
@@ -140,6 +150,53 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Training recipes: the keys where torchvision's detection reference and Detectron (the code the
+# Mask^X paper trained with: ronghanghu/seg_every_thing) differ. Configs choose one with apply_recipe;
+# the schedule's length, learning rate and decay steps stay each config's own.
+RECIPES: dict[str, dict[str, object]] = {
+    "torchvision": {
+        "model.box_predictor_init": "torch",
+        "model.box_reg_beta": 1.0 / 9,
+        "model.binarize_mask_targets": False,
+        "train.bias_lr_factor": 1.0,
+        "train.bias_weight_decay": True,
+        "train.warmup_steps": 1000,
+        "train.warmup_factor": 0.001,
+    },
+    "detectron": {  # lib/core/config.py, lib/modeling/{optimizer,fast_rcnn_heads}.py, lib/roi_data/mask_rcnn.py
+        "model.box_predictor_init": "detectron",
+        "model.box_reg_beta": 1.0,
+        "model.binarize_mask_targets": True,
+        "train.bias_lr_factor": 2.0,
+        "train.bias_weight_decay": False,
+        "train.warmup_steps": 500,
+        "train.warmup_factor": 1.0 / 3,
+    },
+}
+
+
+def apply_recipe(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Set every key of ``RECIPES[name]`` in ``c`` (in place; returned for chaining).
+
+    A config file calls this once, then overrides what it must (a CPU demo's shorter warmup, say);
+    on the command line each key stays overridable on its own.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    for key, value in RECIPES[name].items():
+        section, leaf = key.split(".")
+        c[section][leaf] = value
+    return c
+
+
+def recipe_of(c: ml_collections.ConfigDict) -> str:
+    """The name of the recipe whose every key ``c`` has, or ``'custom'``."""
+    for name, values in RECIPES.items():
+        if all(c[key.split(".")[0]][key.split(".")[1]] == v for key, v in values.items()):
+            return name
+    return "custom"
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Check options against each other; raise one ValueError listing every problem."""
     errors = []
@@ -155,6 +212,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(m.transfer_input in TRANSFER_INPUTS, f"model.transfer_input must be one of {TRANSFER_INPUTS}, got {m.transfer_input!r}")
     check(m.transfer_layers in (1, 2, 3), f"model.transfer_layers must be 1, 2 or 3, got {m.transfer_layers}")
     check(m.transfer_activation in ACTIVATIONS, f"model.transfer_activation must be one of {ACTIVATIONS}")
+    check(m.box_predictor_init in BOX_PREDICTOR_INITS,
+          f"model.box_predictor_init must be one of {BOX_PREDICTOR_INITS}, got {m.box_predictor_init!r}")
+    check(m.box_reg_beta > 0, f"model.box_reg_beta must be > 0, got {m.box_reg_beta}")
+    check(t.bias_lr_factor > 0, f"train.bias_lr_factor must be > 0, got {t.bias_lr_factor}")
     check(m.transfer_hidden == m.mask_head_channels or m.mask_mode != "transfer",
           "model.transfer_hidden must equal model.mask_head_channels (tau outputs 1x1 conv weights on those features)")
     check(m.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}")
@@ -167,6 +228,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(d.mask_supervision != "by_annotation" or d.set_a.strip() == "",
           "data.set_a must be empty with data.mask_supervision=by_annotation (set A is then the classes that have a "
           "mask annotation in the training data)")
+    check(d.synthetic_variant in SYNTHETIC_VARIANTS,
+          f"data.synthetic_variant must be one of {SYNTHETIC_VARIANTS}, got {d.synthetic_variant!r}")
     check(not d.synthetic_mask_fraction.strip() or d.source == "synthetic",
           "data.synthetic_mask_fraction only applies to data.source=synthetic")
     check(d.box_source in BOX_SOURCES, f"data.box_source must be one of {BOX_SOURCES}, got {d.box_source!r}")
@@ -211,5 +274,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
           "set train.init_checkpoint to the converted detector (or backbone) they should come from")
     check(m.mask_mode != "transfer" or d.set_a.strip() != "" or d.mask_supervision == "by_annotation",
           "model.mask_mode=transfer needs a non-empty data.set_a (or data.mask_supervision=by_annotation)")
+    check(m.mask_mode != "none" or "mask_head" not in frozen,
+          "train.freeze names mask_head, but model.mask_mode=none (a box-only detector) has no mask branch")
     if errors:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))

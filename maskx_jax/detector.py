@@ -23,9 +23,12 @@ from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_f
 from maskx_jax.roi_align import multiscale_roi_align
 from maskx_jax.rpn import RPN, sample_anchors, sampled_rpn_losses, select_proposals
 from maskx_jax.types import Batch, Detections
-from maskx_jax.weight_transfer import WeightTransfer, class_embedding
+from maskx_jax.weight_transfer import WeightTransfer
 
 Array = jax.Array
+
+# Loss groups ``MaskRCNN.losses`` can skip (stage-wise training: the losses of frozen parts).
+LOSS_GROUPS = ("rpn", "box", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +75,14 @@ class DetectorConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # Training recipe (torchvision's defaults; Detectron's: 'detectron', 1.0, True; see config.RECIPES)
+    box_predictor_init: str = "torch"  # torch | detectron: initialisation of cls_score / bbox_pred
+    box_reg_beta: float = 1.0 / 9  # smooth-L1 beta of the Fast R-CNN box loss (the RPN's stays 1/9)
+    binarize_mask_targets: bool = False  # mask targets thresholded at 0.5 (Detectron) instead of soft
     # Mask branch / Mask^X
     mask_head_channels: int = 256
-    mask_mode: str = "class_specific"  # class_specific | class_agnostic | transfer
-    transfer_input: str = "cls+box"
+    mask_mode: str = "class_specific"  # class_specific | class_agnostic | transfer | none (box-only detector)
+    transfer_input: str = "cls+box"  # cls | box | cls+box | random (fixed random class vectors: a control)
     transfer_layers: int = 2
     transfer_hidden: int = 256
     transfer_activation: str = "leaky_relu"
@@ -97,20 +104,26 @@ class DetectorConfig:
 
 
 class RoIHeads(nnx.Module):
-    """Box and mask branches with torchvision's attribute names (+ ``weight_transfer`` for Mask^X)."""
+    """Box and mask branches with torchvision's attribute names (+ ``weight_transfer`` for Mask^X).
+
+    ``mask_mode='none'`` builds a box-only detector (torchvision's Faster R-CNN): ``mask_head``,
+    ``mask_predictor`` and ``weight_transfer`` are None.
+    """
 
     def __init__(self, cfg: DetectorConfig, *, rngs: nnx.Rngs):
         c, mc = cfg.fpn_channels, cfg.mask_head_channels
         self.box_head = TwoMLPHead(c, cfg.box_roi_size, cfg.representation, rngs=rngs)
-        self.box_predictor = FastRCNNPredictor(cfg.representation, cfg.num_classes, rngs=rngs)
-        self.mask_head = MaskRCNNHeads(c, mc, rngs=rngs)
-        self.mask_predictor = MaskRCNNPredictor(mc, mc, cfg.num_classes, mode=cfg.mask_mode,
-                                                mlp_fusion=cfg.mlp_fusion, resolution=2 * cfg.mask_roi_size,
-                                                rngs=rngs)
+        self.box_predictor = FastRCNNPredictor(cfg.representation, cfg.num_classes, init=cfg.box_predictor_init,
+                                               rngs=rngs)
+        has_masks = cfg.mask_mode != "none"
+        self.mask_head = MaskRCNNHeads(c, mc, rngs=rngs) if has_masks else None
+        self.mask_predictor = (MaskRCNNPredictor(mc, mc, cfg.num_classes, mode=cfg.mask_mode,
+                                                 mlp_fusion=cfg.mlp_fusion, resolution=2 * cfg.mask_roi_size,
+                                                 rngs=rngs) if has_masks else None)
         self.weight_transfer = (
             WeightTransfer(cfg.representation, input_kind=cfg.transfer_input, num_layers=cfg.transfer_layers,
                            hidden=cfg.transfer_hidden, out_dim=mc, activation=cfg.transfer_activation,
-                           stop_det_grad=cfg.stop_det_grad, rngs=rngs)
+                           stop_det_grad=cfg.stop_det_grad, num_classes=cfg.num_classes, rngs=rngs)
             if cfg.mask_mode == "transfer" else None)
 
 
@@ -132,6 +145,8 @@ class MaskRCNN(nnx.Module):
         if rh.weight_transfer is not None:
             bp = rh.box_predictor
             return rh.weight_transfer(bp.cls_score.kernel[...], bp.bbox_pred.kernel[...]), None
+        if rh.mask_predictor is None:
+            raise ValueError("a box-only detector (mask_mode='none') has no mask weights")
         return rh.mask_predictor.class_weights()
 
     def mask_logits(self, features: Array, labels: Array) -> Array:
@@ -144,8 +159,7 @@ class MaskRCNN(nnx.Module):
         if rh.weight_transfer is not None:
             bp = rh.box_predictor
             wt = rh.weight_transfer
-            emb = class_embedding(bp.cls_score.kernel[...], bp.bbox_pred.kernel[...], wt.input_kind, labels)
-            weight = wt.transform(emb)
+            weight = wt.transform(wt.embed(bp.cls_score.kernel[...], bp.bbox_pred.kernel[...], labels))
             logits = mask_logits_for_labels(features, weight, None, None)
         else:
             weight, bias = rh.mask_predictor.class_weights()
@@ -193,7 +207,8 @@ class MaskRCNN(nnx.Module):
           images: [N, H, W, 3] float32, normalised, H and W multiples of 32 (see ``transform.preprocess``).
           image_sizes: [N, 2] int32 (h, w) of each image before padding.
         Returns:
-          :class:`Detections` with D = ``detections_per_img`` rows per image in the input frame.
+          :class:`Detections` with D = ``detections_per_img`` rows per image in the input frame
+          (``masks`` None for a box-only detector, ``mask_mode='none'``).
         """
         cfg = self.cfg
         feats = self._features(images)
@@ -210,7 +225,7 @@ class MaskRCNN(nnx.Module):
             detections_per_img=cfg.detections_per_img)
         boxes, scores, labels, valid = jax.vmap(post)(class_logits, box_deltas, props.boxes, props.valid,
                                                       image_sizes)
-        masks = self._detection_masks(pooled, boxes, labels, valid)
+        masks = None if self.roi_heads.mask_head is None else self._detection_masks(pooled, boxes, labels, valid)
         return Detections(boxes=boxes, scores=scores, labels=labels, valid=valid, masks=masks)
 
     def _detection_masks(self, pooled: list[Array], boxes: Array, labels: Array, valid: Array) -> Array:
@@ -238,45 +253,60 @@ class MaskRCNN(nnx.Module):
         return jnp.where(valid[:, :, None, None], masks, 0.0)
 
     # ----------------------------------------------------------------------------- training
-    def losses(self, batch: Batch, rng: Array) -> tuple[Array, dict[str, Array]]:
+    def losses(self, batch: Batch, rng: Array, *, skip: Sequence[str] = ()) -> tuple[Array, dict[str, Array]]:
         """All training losses for a padded batch (see :class:`maskx_jax.types.Batch`).
 
         Returns (total, {loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
         loss_mask}); the mask loss counts only positive RoIs whose matched gt has a mask
-        (``gt_has_mask``: set A), on the gt class's channel.
+        (``gt_has_mask``: set A), on the gt class's channel. A box-only detector
+        (``mask_mode='none'``) has no ``loss_mask``.
+
+        skip: loss groups of :data:`LOSS_GROUPS` neither computed nor returned: ``'rpn'``
+          (loss_objectness, loss_rpn_box_reg), ``'box'`` (loss_classifier, loss_box_reg), ``'mask'``.
+          Stage-wise training skips the losses of frozen parts, which could train nothing: the
+          anchor sampling and the box head's forward pass are then not run at all. The RPN's
+          proposals, which the RoI sampling needs, are always computed.
         """
+        unknown = set(skip) - set(LOSS_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown loss groups {sorted(unknown)}; expected some of {LOSS_GROUPS}")
         cfg = self.cfg
+        with_mask = "mask" not in skip and self.roi_heads.mask_head is not None
         k_rpn, k_roi = jax.random.split(rng)
         feats = self._features(batch.images)
+        parts: dict[str, Array] = {}
         # The head over every anchor feeds only the proposals, which carry no gradient (torchvision
         # detaches them too); the RPN losses read the head at their sampled anchors alone
         # (RPNHead.at_anchors). So the dense head runs detached and its backward pass, both gradient
         # convolutions of the 3x3 conv over every pixel of P2..P6, is never computed.
         logits, deltas, anchors, counts = self._rpn(feats, batch.images.shape[1:3], detached=True)
-        anchor_samples = sample_anchors(
-            anchors, batch.gt_boxes, batch.gt_valid, batch.gt_crowd, k_rpn,
-            fg_iou_thresh=cfg.rpn_fg_iou_thresh, bg_iou_thresh=cfg.rpn_bg_iou_thresh,
-            batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=cfg.rpn_positive_fraction)
-        sampled_logits, sampled_deltas = self.rpn.head.at_anchors(feats, anchor_samples.index)
-        loss_obj, loss_rpn_box = sampled_rpn_losses(sampled_logits.astype(jnp.float32),
-                                                    sampled_deltas.astype(jnp.float32), anchor_samples)
-        props = select_proposals(logits, deltas, anchors, counts, batch.image_sizes,
-                                 pre_nms_top_n=cfg.rpn_pre_nms_top_n_train,
-                                 post_nms_top_n=cfg.rpn_post_nms_top_n_train, nms_thresh=cfg.rpn_nms_thresh)
-        samples = sample_rois(props.boxes, props.valid, batch.gt_boxes, batch.gt_classes, batch.gt_valid,
-                              batch.gt_crowd, k_roi, fg_iou_thresh=cfg.roi_fg_iou_thresh,
-                              batch_size_per_image=cfg.roi_batch_size_per_image,
-                              positive_fraction=cfg.roi_positive_fraction)
-        pooled = feats[:4]
-        box_feats = multiscale_roi_align(pooled, samples.rois, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
-                                         cfg.aligned, cfg.pooler_scales)
-        class_logits, box_deltas = self._box_outputs(box_feats)
-        loss_cls, loss_box = box_losses(class_logits, box_deltas, samples, batch.gt_boxes)
-
-        loss_m = self._mask_loss(pooled, samples, batch)
-        parts = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn_box, "loss_classifier": loss_cls,
-                 "loss_box_reg": loss_box, "loss_mask": loss_m}
-        return sum(parts.values()), parts
+        if "rpn" not in skip:
+            anchor_samples = sample_anchors(
+                anchors, batch.gt_boxes, batch.gt_valid, batch.gt_crowd, k_rpn,
+                fg_iou_thresh=cfg.rpn_fg_iou_thresh, bg_iou_thresh=cfg.rpn_bg_iou_thresh,
+                batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=cfg.rpn_positive_fraction)
+            sampled_logits, sampled_deltas = self.rpn.head.at_anchors(feats, anchor_samples.index)
+            parts["loss_objectness"], parts["loss_rpn_box_reg"] = sampled_rpn_losses(
+                sampled_logits.astype(jnp.float32), sampled_deltas.astype(jnp.float32), anchor_samples)
+        if "box" not in skip or with_mask:
+            props = select_proposals(logits, deltas, anchors, counts, batch.image_sizes,
+                                     pre_nms_top_n=cfg.rpn_pre_nms_top_n_train,
+                                     post_nms_top_n=cfg.rpn_post_nms_top_n_train, nms_thresh=cfg.rpn_nms_thresh)
+            samples = sample_rois(props.boxes, props.valid, batch.gt_boxes, batch.gt_classes, batch.gt_valid,
+                                  batch.gt_crowd, k_roi, fg_iou_thresh=cfg.roi_fg_iou_thresh,
+                                  batch_size_per_image=cfg.roi_batch_size_per_image,
+                                  positive_fraction=cfg.roi_positive_fraction)
+            pooled = feats[:4]
+            if "box" not in skip:
+                box_feats = multiscale_roi_align(pooled, samples.rois, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
+                                                 cfg.aligned, cfg.pooler_scales)
+                class_logits, box_deltas = self._box_outputs(box_feats)
+                parts["loss_classifier"], parts["loss_box_reg"] = box_losses(
+                    class_logits, box_deltas, samples, batch.gt_boxes, beta=cfg.box_reg_beta)
+            if with_mask:
+                parts["loss_mask"] = self._mask_loss(pooled, samples, batch)
+        total = sum(parts.values()) if parts else jnp.zeros((), jnp.float32)
+        return total, parts
 
     def _mask_loss(self, pooled: list[Array], samples: RoISamples, batch: Batch) -> Array:
         """Mask loss of the positive RoIs whose matched gt has a mask, on the gt class's channel.
@@ -310,6 +340,8 @@ class MaskRCNN(nnx.Module):
                                           labels[:, :k].reshape(-1))
                 targets = mask_targets(rois[:, :k].reshape(-1, 4), matched_boxes[:, :k].reshape(-1, 4), crops,
                                        flat_gt[:, :k].reshape(-1), resolution=logits.shape[-1])
+                if cfg.binarize_mask_targets:  # Detectron: a pixel is in the mask iff >= half of it is
+                    targets = (targets >= 0.5).astype(targets.dtype)
                 return mask_loss(logits, jax.lax.stop_gradient(targets), supervise[:, :k].reshape(-1))
             return loss
 

@@ -13,6 +13,12 @@ torchvision ``references/detection/train.py`` trains Mask R-CNN with
     warmup(step) = warmup_factor + (1 - warmup_factor) * step / warmup_steps for step < warmup_steps
     and 1 afterwards (the step decay also applies inside the warmup, as chained torch schedulers do).
 
+Detectron's recipe (what Mask^X was trained with, seg_every_thing ``lib/modeling/optimizer.py``) treats
+biases apart: no weight decay, and their gradient doubled (2x the learning rate under SGD).
+``train.bias_weight_decay`` and ``train.bias_lr_factor`` express that; the factor multiplies each bias's
+update after the optimiser, which for SGD equals scaling its gradient (the update is linear in it) and
+for AdamW, which is invariant to gradient scale, is the only way to give biases a higher rate.
+
 Only the trainable ``nnx.Param`` variables may be given to the optimiser (see ``train_lib``):
 weight decay would otherwise shrink frozen buffers. :func:`trainable_filter` decides which those
 are: every ``nnx.Param`` outside the module groups named by ``train.freeze`` (stage-wise training,
@@ -24,9 +30,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from maskx_jax.state_utils import variable_path
 
 # train.freeze groups -> the module paths (prefixes of NNX variable paths, torchvision's names) they hold.
 FREEZE_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -81,6 +90,28 @@ def trainable_filter(spec: str) -> Callable[[tuple, Any], bool]:
     return trainable
 
 
+def skipped_losses(spec: str) -> tuple[str, ...]:
+    """The ``MaskRCNN.losses`` groups that cannot train anything under ``train.freeze=spec``.
+
+    A loss group trains its own part and, through the features, the backbone; once both are frozen it
+    is skipped (no anchor sampling, no box head forward pass): e.g. ``detector`` skips 'rpn' and
+    'box', leaving only the mask loss of stage-wise Mask^X.
+    """
+    groups = set(parse_freeze(spec))
+    own = {"rpn": "rpn", "box": "box_head", "mask": "mask_head"}
+    return tuple(loss for loss, part in own.items() if {"backbone", part} <= groups)
+
+
+def is_bias(path: tuple) -> bool:
+    """Whether the variable at NNX ``path`` is a bias (its last name is ``bias``; normalisation shifts too)."""
+    return bool(path) and path[-1] == "bias"
+
+
+def _bias_mask(params: Any, want_bias: bool) -> Any:
+    """A pytree of bools like ``params``: True at the biases (``want_bias``) or at everything else."""
+    return jax.tree_util.tree_map_with_path(lambda kp, _: is_bias(variable_path(kp)) == want_bias, params)
+
+
 def make_schedule(train_cfg: Any) -> optax.Schedule:
     """The learning rate as a function of the (0-based) step number.
 
@@ -113,24 +144,32 @@ def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
     """SGD with momentum and torch-style (coupled) weight decay under :func:`make_schedule`
     (``train.optimizer='sgd'``, the paper's), or AdamW with decoupled weight decay
     (``'adamw'``: converges much faster from scratch, used by the CPU-sized demo), after optional
-    global-norm gradient clipping (``train.clip_grad_norm`` > 0).
+    global-norm gradient clipping (``train.clip_grad_norm`` > 0). Biases are decayed only with
+    ``train.bias_weight_decay`` and their updates multiplied by ``train.bias_lr_factor``.
 
     Args:
-      train_cfg: the ``train`` section of the config (``momentum``, ``weight_decay`` and the schedule keys).
+      train_cfg: the ``train`` section of the config (``momentum``, ``weight_decay``, the bias keys and
+        the schedule keys).
     """
     parts = []
     clip = float(train_cfg.get("clip_grad_norm", 0.0))
     if clip > 0:
         # Global-norm clipping first: it bounds the rare huge gradients of from-scratch training.
         parts.append(optax.clip_by_global_norm(clip))
+    decay_biases = bool(train_cfg.get("bias_weight_decay", True))
+    decay_mask = None if decay_biases else (lambda params: _bias_mask(params, want_bias=False))
+    bias_factor = float(train_cfg.get("bias_lr_factor", 1.0))
     kind = str(train_cfg.get("optimizer", "sgd"))
+    wd = float(train_cfg.weight_decay)
     if kind == "adamw":
-        parts.append(optax.adamw(make_schedule(train_cfg), weight_decay=float(train_cfg.weight_decay)))
-        return optax.chain(*parts)
-    if kind != "sgd":
+        parts.append(optax.adamw(make_schedule(train_cfg), weight_decay=wd, mask=decay_mask))
+    elif kind == "sgd":
+        if wd > 0:
+            parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+        momentum = float(train_cfg.momentum)
+        parts.append(optax.sgd(make_schedule(train_cfg), momentum=momentum if momentum > 0 else None))
+    else:
         raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {kind!r}")
-    if float(train_cfg.weight_decay) > 0:
-        parts.append(optax.add_decayed_weights(float(train_cfg.weight_decay)))
-    momentum = float(train_cfg.momentum)
-    parts.append(optax.sgd(make_schedule(train_cfg), momentum=momentum if momentum > 0 else None))
+    if bias_factor != 1.0:
+        parts.append(optax.masked(optax.scale(bias_factor), lambda params: _bias_mask(params, want_bias=True)))
     return optax.chain(*parts)

@@ -48,7 +48,7 @@ import logging as logging_std
 import math
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -216,53 +216,6 @@ def load_config_file(path: str):
     return module.get_config()
 
 
-def _as_config_value(value: Any, current: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_as_config_value(v, None) for v in value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def config_from_saved(saved: Mapping) -> Any:
-    """The config of a work directory's ``config.json``: :func:`base_config` with every saved value.
-
-    Keys this version does not know are ignored (with a warning)."""
-    from maskx_jax import config as config_lib
-    from maskx_jax.train_lib import _flat_config
-
-    config = config_lib.base_config()
-    unknown = []
-    for key, value in _flat_config(saved).items():
-        *parents, leaf = key.split(".")
-        node = config
-        try:
-            for p in parents:
-                node = node[p]
-            current = node[leaf]
-        except (KeyError, AttributeError):
-            unknown.append(key)
-            continue
-        node[leaf] = _as_config_value(value, current)
-    if unknown:
-        log.warning("config.json keys unknown to this version, ignored: %s", unknown)
-    return config
-
-
-def find_workdir(path: str) -> tuple[str, int | None] | None:
-    """(workdir, step or None) when ``path`` is a work directory or ``WORKDIR/checkpoints/<step>``."""
-    from maskx_jax.train_lib import CHECKPOINT_DIR, CONFIG_FILE
-
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-        return path, None
-    parent = os.path.dirname(path)
-    if (os.path.basename(path).isdigit() and os.path.basename(parent) == CHECKPOINT_DIR
-            and os.path.isfile(os.path.join(os.path.dirname(parent), CONFIG_FILE))):
-        return os.path.dirname(parent), int(os.path.basename(path))
-    return None
-
-
 def load_converted_detector(directory: str):
     """:func:`maskx_jax.checkpoint.load_detector`: the model built abstractly (``nnx.eval_shape``) and
     filled from the checkpoint, no random initialisation (about a second instead of ~25 s for an R-50
@@ -271,25 +224,6 @@ def load_converted_detector(directory: str):
     from maskx_jax import checkpoint as ckpt_lib
 
     return ckpt_lib.load_detector(directory)
-
-
-def _num_classes_in_checkpoint(step_dir: str) -> int:
-    """K+1 from the saved box classifier's bias shape (no arrays are read)."""
-    import orbax.checkpoint as ocp
-
-    absl_logger = logging_std.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging_std.ERROR)  # orbax warns about a per-item metadata file it does not need
-    try:
-        meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "default"))
-    finally:
-        absl_logger.setLevel(level)
-    tree = getattr(meta, "item_metadata", meta)
-    # Trainable, or frozen with the detector (train.freeze): then it is saved with the other fixed variables.
-    part = "params" if "box_predictor" in (tree["params"].get("roi_heads") or {}) else "rest"
-    node = tree[part]["roi_heads"]["box_predictor"]["cls_score"]["bias"]
-    node = node.get("value", node) if isinstance(node, Mapping) else node
-    return int(node.shape[0])
 
 
 def _dataset_info(config):
@@ -312,12 +246,13 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
     import jax
 
     from maskx_jax import checkpoint as ckpt_lib
+    from maskx_jax import workdir as workdir_lib
 
     config = load_config_file(config_path) if config_path else None
     class_names = None
     cat_ids = None
     set_b: tuple[int, ...] = ()
-    workdir = find_workdir(checkpoint)
+    workdir = workdir_lib.find_workdir(checkpoint)
     if os.path.isfile(os.path.join(checkpoint, ckpt_lib.META_FILE)):
         from maskx_jax.detector import make_predict_fn
 
@@ -350,7 +285,7 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
         step = path_step if step is None else step
         if config is None:
             with open(os.path.join(workdir, train_lib.CONFIG_FILE)) as f:
-                config = config_from_saved(json.load(f))
+                config = workdir_lib.config_from_saved(json.load(f))
         else:
             train_lib.check_resume_config(workdir, config)  # refuses another architecture, with a diff
         manager = train_lib.make_checkpoint_manager(workdir, config)
@@ -363,7 +298,8 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
             elif step not in steps:
                 raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (steps: {sorted(steps)})")
             info = _dataset_info(config) if class_names_file is None else None
-            num_classes = _num_classes_in_checkpoint(os.path.join(workdir, train_lib.CHECKPOINT_DIR, str(step)))
+            num_classes = workdir_lib.num_classes_in_checkpoint(
+                os.path.join(workdir, train_lib.CHECKPOINT_DIR, str(step)))
             if info is not None and info.num_classes == num_classes:
                 class_names, cat_ids, set_b = info.class_names, dict(info.contiguous_to_cat_id), tuple(info.set_b_ids)
             elif info is not None:

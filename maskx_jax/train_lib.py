@@ -51,7 +51,8 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maskx_jax.optim import is_frozen, make_optimizer, make_schedule, parse_freeze, trainable_filter
+from maskx_jax.optim import (is_frozen, make_optimizer, make_schedule, parse_freeze, skipped_losses,
+                            trainable_filter)
 from maskx_jax.state_utils import variable_path
 from maskx_jax.types import Batch, Detections
 
@@ -76,11 +77,16 @@ INFERENCE_ONLY_MODEL_KEYS = frozenset({
 })
 # Model keys that change how a step computes, not what is saved: a run may resume with another value.
 COMPUTE_ONLY_MODEL_KEYS = frozenset({"model.dtype", "model.mask_slot_buckets"})
+# Model keys that only shape the losses or the initial values (the training recipe): a run may resume with
+# another value, and a config.json written before they existed resumes as it is.
+TRAINING_ONLY_MODEL_KEYS = frozenset({"model.box_predictor_init", "model.box_reg_beta", "model.binarize_mask_targets"})
 # Data keys that decide the class list (num_classes) and which classes have mask supervision.
-ARCHITECTURE_DATA_KEYS = frozenset({"data.source", "data.set_a", "data.mask_supervision"})
+ARCHITECTURE_DATA_KEYS = frozenset({"data.source", "data.set_a", "data.mask_supervision", "data.synthetic_variant"})
 # Train keys that decide which variables are trainable (``TrainState.params``) and which are not
 # (``rest``), i.e. the layout of a saved train state; {key: the value an older config.json without it meant}.
 STATE_LAYOUT_KEYS = {"train.freeze": ""}
+# Architecture keys added after runs were written: {key: the value a config.json without it meant}.
+ABSENT_MEANT = {**STATE_LAYOUT_KEYS, "data.synthetic_variant": "shapes10"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,7 +180,8 @@ def config_to_json_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def is_architecture_key(key: str) -> bool:
-    return ((key.startswith("model.") and key not in INFERENCE_ONLY_MODEL_KEYS and key not in COMPUTE_ONLY_MODEL_KEYS)
+    return ((key.startswith("model.") and key not in INFERENCE_ONLY_MODEL_KEYS and key not in COMPUTE_ONLY_MODEL_KEYS
+             and key not in TRAINING_ONLY_MODEL_KEYS)
             or key in ARCHITECTURE_DATA_KEYS
             or key in STATE_LAYOUT_KEYS)
 
@@ -204,7 +211,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list
         saved = json.load(f)
     diffs = config_differences(saved, config_to_json_dict(config))
     arch = [d for d in diffs if is_architecture_key(d[0])
-            and not (d[0] in STATE_LAYOUT_KEYS and d[1] == "<absent>" and d[2] == STATE_LAYOUT_KEYS[d[0]])]
+            and not (d[0] in ABSENT_MEANT and d[1] == "<absent>" and d[2] == ABSENT_MEANT[d[0]])]
     if arch:
         raise ConfigMismatchError(
             f"{workdir} holds a run trained with a different model architecture; "
@@ -285,8 +292,12 @@ def _tree_select(pred: Array, on_true: Any, on_false: Any) -> Any:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    seed: int, on_nonfinite: str) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    seed: int, on_nonfinite: str, skip_losses: tuple[str, ...] = ()
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The pure train step ``(state, batch) -> (state, metrics)``.
+
+    ``skip_losses``: loss groups the model does not compute (``MaskRCNN.losses(skip=...)``; see
+    ``optim.skipped_losses``: the losses of frozen parts).
 
     metrics: ``losses`` {name: scalar} as returned by ``model.losses``, ``total``, ``lr`` (of this
     step), ``grad_norm`` (global L2 norm of the gradients), ``nonfinite`` (bool: this step's update
@@ -299,6 +310,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.rest)
+            if skip_losses:
+                return model.losses(batch, rng, skip=skip_losses)
             return model.losses(batch, rng)
 
         (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -388,7 +401,9 @@ class Trainer:
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings)
         # Parameters are created directly with their sharding (no host copy, no device-0 detour).
         self._init = jax.jit(init, out_shardings=self.state_shardings)
-        step_fn = make_train_step(self.graphdef, self.tx, self.schedule, int(t.seed), t.on_nonfinite)
+        self.skip_losses = skipped_losses(self.freeze)
+        step_fn = make_train_step(self.graphdef, self.tx, self.schedule, int(t.seed), t.on_nonfinite,
+                                  self.skip_losses)
         self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
@@ -422,25 +437,35 @@ class Trainer:
     # ----------------------------------------------------------------------- init checkpoint
 
     def load_init_checkpoint(self, state: TrainState, directory: str) -> tuple[TrainState, dict]:
-        """Fill ``state`` from a converted maskx_jax checkpoint (see :mod:`maskx_jax.checkpoint`).
+        """Fill ``state`` from a converted maskx_jax checkpoint (see :mod:`maskx_jax.checkpoint`) or from
+        another training run's work directory.
 
         kind ``detector`` (Mask R-CNN) or ``box_detector`` (Faster R-CNN: no mask branch, which then stays
         at its initialisation): every model variable with the same path and shape is loaded;
-        kind ``resnet``: the checkpoint's variables go under ``backbone.body``.
+        kind ``resnet``: the checkpoint's variables go under ``backbone.body``; kind ``workdir`` (a
+        ``train.py`` work directory or ``WORKDIR/checkpoints/<step>``, latest step by default): its
+        model variables, like a detector (e.g. a box detector trained here with ``mask_mode='none'``).
         Returns the new state and a report {kind, loaded, not_loaded (model variables left at their
         initialisation), unused (checkpoint entries the model lacks), shape_mismatch, frozen_not_loaded
         (the not_loaded ones that ``train.freeze`` keeps fixed)}, all by name.
         """
+        from maskx_jax import workdir as workdir_lib
         from maskx_jax.checkpoint import load_flat, read_meta
 
-        meta = read_meta(directory)
-        kind = meta.get("kind")
-        if kind not in ("detector", "box_detector", "resnet"):
-            raise ValueError(f"{directory}: unknown checkpoint kind {kind!r} "
-                             f"(expected 'detector', 'box_detector' or 'resnet')")
-        prefix = ("backbone", "body") if kind == "resnet" else ()
-        flat = {prefix + tuple(p): a for p, a in load_flat(directory).items()}
-        report = {"checkpoint": os.path.abspath(directory), "kind": kind, "source": meta.get("source", ""),
+        if workdir_lib.find_workdir(directory) is not None:
+            flat, found = workdir_lib.load_variables(directory)
+            kind = "workdir"
+            source = f"{found['workdir']} step {found['step']} (mask_mode={found['mask_mode']})"
+        else:
+            meta = read_meta(directory)
+            kind = meta.get("kind")
+            if kind not in ("detector", "box_detector", "resnet"):
+                raise ValueError(f"{directory}: unknown checkpoint kind {kind!r} "
+                                 f"(expected 'detector', 'box_detector' or 'resnet')")
+            prefix = ("backbone", "body") if kind == "resnet" else ()
+            flat = {prefix + tuple(p): a for p, a in load_flat(directory).items()}
+            source = meta.get("source", "")
+        report = {"checkpoint": os.path.abspath(directory), "kind": kind, "source": source,
                   "loaded": [], "not_loaded": [], "unused": [], "shape_mismatch": [], "frozen_not_loaded": []}
         used = set()
         frozen_groups = parse_freeze(self.freeze)
@@ -614,10 +639,17 @@ class _Logger:
         self.window_start: float | None = None  # wall time when the window's first step finished
         self.window_steps = 0
         self.images_per_sec = float("nan")
+        self.first_done: float | None = None  # wall time when this run's first step finished (compiled)
+        self.last_done: float | None = None
+        self.steps_done = 0
 
     def step_done(self, m: dict) -> None:
         """``m``: host metrics of one finished step (see :func:`make_train_step`)."""
         now = time.perf_counter()
+        if self.first_done is None:
+            self.first_done = now
+        self.last_done = now
+        self.steps_done += 1
         if self.window_start is None:  # first step: includes compilation, so not timed
             self.window_start = now
         else:
@@ -637,6 +669,12 @@ class _Logger:
             self.bar.set_postfix(post, refresh=False)
         if step % self.log_every == 0:
             self.flush_window(step, now)
+
+    def seconds_per_step(self) -> float | None:
+        """Mean wall time of this run's steps after the first (which includes compilation); None if < 2 steps."""
+        if self.steps_done < 2:
+            return None
+        return (self.last_done - self.first_done) / (self.steps_done - 1)
 
     def flush_window(self, step: int, now: float) -> None:
         if not self.window:
@@ -686,6 +724,7 @@ class TrainResult:
     skipped: int
     metrics: dict | None  # evaluation metrics, when evaluated
     preempted: bool = False  # stopped early by SIGTERM / a preemption notice, after saving a checkpoint
+    seconds_per_step: float | None = None  # mean wall time of this call's steps after the first (None: < 2 run)
 
 
 def load_datasets(config: ml_collections.ConfigDict):
@@ -799,7 +838,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
     if info is not None and start < total:
         logging.info("%s", info.report())  # bad records met while decoding, by kind
     result = TrainResult(state=state, trainer=trainer, step=int(jax.device_get(state.step)), skipped=skipped,
-                         metrics=None, preempted=preempted)
+                         metrics=None, preempted=preempted, seconds_per_step=logger.seconds_per_step())
     if preempted:
         logging.warning("stopped at step %d of %d on a termination request; the checkpoint is saved: run the same "
                         "command again to continue", result.step, total)
@@ -958,8 +997,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
     metrics = evaluate_lib.evaluate_model(
         predict_fn, batches, info.val_json, info.contiguous_to_cat_id, set_a_cat_ids,
         output_json=os.path.join(workdir, METRICS_FILE) if main else None,
-        with_masks=bool(info.val_has_masks), progress=progress and main, verbose=main,
-        unscored_labels=getattr(info, "unscored_ids", ()))
+        with_masks=bool(info.val_has_masks) and config.model.mask_mode != "none", progress=progress and main,
+        verbose=main, unscored_labels=getattr(info, "unscored_ids", ()))
     if main:
         from tensorboardX import SummaryWriter
 
@@ -1024,7 +1063,7 @@ def draw_predictions(det: Detections, batch: Batch, records: list, info: Any,
         height, width = example.image.shape[:2]
         boxes = resize_boxes(np.asarray(det.boxes[row])[keep], batch.image_sizes[row], (height, width))
         masks = None
-        if info.val_has_masks:
+        if info.val_has_masks and det.masks is not None:
             masks = paste_binary_masks(np.asarray(det.masks[row], np.float32)[keep], boxes, height, width)
             masks = np.transpose(masks, (2, 0, 1)).astype(bool)
         picture = visualize.draw_detections(

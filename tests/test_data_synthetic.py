@@ -1,4 +1,5 @@
 """The built-in synthetic dataset: deterministic, COCO-loadable, shape-defined classes, occlusion."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -114,3 +115,56 @@ def test_render_scene_is_pure():
     b, inst_b = synthetic.render_scene(7, "val", 5, 64)
     assert np.array_equal(a, b) and len(inst_a) == len(inst_b)
     assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(inst_a, inst_b))
+
+
+def test_shapes10_images_are_unchanged_by_variants():
+    """shapes10 renders byte for byte what the generator gave before variants existed (the SHA-256 below was
+    computed with that earlier code), so datasets already generated stay valid."""
+    h = hashlib.sha256()
+    for index in range(4):
+        image, instances = synthetic.render_scene(0, "train", index, 64)
+        h.update(image.tobytes())
+        for inst in instances:
+            h.update(inst["mask"].tobytes())
+    assert h.hexdigest() == "8971eff6a50ead1eaff79294cf891366d7f2e6c5ec8731d6b7ed9dfca4fe4bec"
+
+
+def test_shapes24_classes_and_camouflage(tmp_path):
+    from maskx_jax.data.synthetic_shapes import CLASS_NAMES_24
+
+    spec = synthetic.VARIANTS["shapes24"]
+    assert spec.classes == CLASS_NAMES_24 and len(set(CLASS_NAMES_24)) == 24 and CLASS_NAMES_24[:10] == CLASS_NAMES
+    masks = [rasterize(n, 60, float(np.sqrt(np.prod(SHAPES[n][2]))), 0.2, (48, 48), 96) for n in CLASS_NAMES_24]
+    for i in range(24):
+        for j in range(i + 1, 24):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.9, (CLASS_NAMES_24[i], CLASS_NAMES_24[j], iou)
+    paths = generate_synthetic(str(tmp_path / "s24"), 40, 4, 128, seed=0, variant="shapes24")
+    coco = json.load(open(paths.train_json))
+    assert [c["name"] for c in coco["categories"]] == list(CLASS_NAMES_24)
+    assert json.load(open(os.path.join(paths.root, "meta.json")))["variant"] == "shapes24"
+    counts = np.bincount([len([a for a in coco["annotations"] if a["image_id"] == im["id"]])
+                          for im in coco["images"]])
+    assert counts[7:].sum() == 0 and counts[2:].sum() == 40  # 2-6 objects per image
+    # Camouflage repaints part of the objects with what is behind them and nothing else: the same scene with
+    # camouflage off (camouflage draws from a stream of its own) differs only inside the annotated masks.
+    plain = dataclasses.replace(spec, camouflage=0.0)
+    synthetic.VARIANTS["_plain"] = plain
+    try:
+        faded = total = 0
+        for index in range(6):
+            a, inst_a = synthetic.render_scene(0, "train", index, 128, "shapes24")
+            b, inst_b = synthetic.render_scene(0, "train", index, 128, "_plain")
+            union = np.any([i["mask"] for i in inst_a], axis=0)
+            assert [i["category"] for i in inst_a] == [i["category"] for i in inst_b]
+            assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(inst_a, inst_b))  # same annotations
+            diff = np.abs(a.astype(int) - b.astype(int)).max(-1) > 0
+            assert not (diff & ~union).any()
+            faded += int(diff.sum())
+            total += int(union.sum())
+        assert faded > 0.1 * total  # a good share of the object pixels are repainted
+    finally:
+        del synthetic.VARIANTS["_plain"]
+    with pytest.raises(ValueError, match="unknown synthetic dataset variant"):
+        generate_synthetic(str(tmp_path / "x"), 1, 1, 64, variant="shapes11")
+    assert not os.path.exists(tmp_path / "x")

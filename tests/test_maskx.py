@@ -137,3 +137,72 @@ def test_no_supervised_positive_gives_zero_mask_loss_and_gradient():
     none = synthetic_batch(seed=0, has_mask=np.zeros((2, 4), bool))
     value, grads = _mask_loss_grads(tiny_config(), none)
     assert value == 0.0 and _norm(grads) == 0.0
+
+
+def test_random_embedding_control_ignores_the_detection_weights(batch):
+    """transfer_input='random': tau reads fixed random class vectors (saved, never trained), so the mask
+    logits do not move when the detection weights do, and no gradient reaches the detector or the vectors."""
+    from maskx_jax.layers import FrozenStat
+    from maskx_jax.weight_transfer import RANDOM_EMBED_DIM
+
+    cfg = tiny_config(transfer_input="random", stop_det_grad=False, mlp_fusion=False)
+    model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
+    wt = model.roi_heads.weight_transfer
+    assert isinstance(wt.embedding, FrozenStat) and wt.embedding[...].shape == (cfg.num_classes, RANDOM_EMBED_DIM)
+    assert abs(float(jnp.std(wt.embedding[...])) - 1.0) < 0.1
+    params = nnx.state(model, nnx.Param)
+    assert "embedding" not in params["roi_heads"]["weight_transfer"]  # not trainable: the optimiser never sees it
+    feats = jax.random.normal(jax.random.key(1), (3, 28, 28, cfg.mask_head_channels))
+    labels = jnp.array([1, 2, 4])
+    before = model.mask_logits(feats, labels)
+    bp = model.roi_heads.box_predictor
+    bp.cls_score.kernel[...] = bp.cls_score.kernel[...] + 1.0
+    bp.bbox_pred.kernel[...] = bp.bbox_pred.kernel[...] * 3.0
+    np.testing.assert_array_equal(np.asarray(model.mask_logits(feats, labels)), np.asarray(before))
+    value, grads = _mask_loss_grads(cfg, batch)
+    assert value > 0 and _norm(grads["roi_heads"]["weight_transfer"]) > 0
+    assert _norm(grads["roi_heads"]["box_predictor"]) == 0.0  # nothing of the mask loss reaches the detector
+    other = MaskRCNN(cfg, rngs=nnx.Rngs(1)).roi_heads.weight_transfer.embedding[...]
+    assert not np.array_equal(np.asarray(other), np.asarray(wt.embedding[...]))  # drawn from the seed
+
+
+def test_box_only_detector_has_no_mask_branch(batch):
+    cfg = tiny_config(mask_mode="none", mlp_fusion=False)
+    model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
+    rh = model.roi_heads
+    assert rh.mask_head is None and rh.mask_predictor is None and rh.weight_transfer is None
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))}
+    assert not any("mask" in n or "weight_transfer" in n for n in names)
+    total, parts = jax.jit(lambda m: m.losses(batch, jax.random.key(0)))(model)
+    assert set(parts) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    np.testing.assert_allclose(float(total), sum(float(v) for v in parts.values()), rtol=1e-6)
+    # the box losses are those of a Mask R-CNN with the same weights (the mask branch adds only loss_mask)
+    full = MaskRCNN(tiny_config(mask_mode="class_agnostic", mlp_fusion=False), rngs=nnx.Rngs(0))
+    _, with_mask = jax.jit(lambda m: m.losses(batch, jax.random.key(0)))(full)
+    for k, v in parts.items():
+        np.testing.assert_allclose(float(v), float(with_mask[k]), rtol=1e-5, err_msg=k)
+    det = jax.jit(lambda m: m.predict(batch.images, batch.image_sizes))(model)
+    assert det.masks is None and det.boxes.shape == (2, cfg.detections_per_img, 4)
+    with pytest.raises(ValueError, match="box-only"):
+        model.mask_class_weights()
+
+
+def test_skipped_loss_groups_are_not_computed_and_the_rest_unchanged(batch):
+    model = MaskRCNN(tiny_config(), rngs=nnx.Rngs(0))
+    _, every = model.losses(batch, jax.random.key(0))
+    _, mask_only = model.losses(batch, jax.random.key(0), skip=("rpn", "box"))
+    assert set(mask_only) == {"loss_mask"}
+    np.testing.assert_allclose(float(mask_only["loss_mask"]), float(every["loss_mask"]), rtol=1e-6)
+    _, no_rpn = model.losses(batch, jax.random.key(0), skip=("rpn",))
+    assert set(no_rpn) == {"loss_classifier", "loss_box_reg", "loss_mask"}
+    with pytest.raises(ValueError, match="unknown loss groups"):
+        model.losses(batch, jax.random.key(0), skip=("boxes",))
+
+
+@pytest.mark.parametrize("freeze,skipped", [("", ()), ("detector", ("rpn", "box")), ("backbone", ()),
+                                            ("backbone,rpn", ("rpn",)), ("rpn,box_head", ()),
+                                            ("backbone,mask_head,box_head", ("box", "mask"))])
+def test_frozen_parts_skip_their_losses(freeze, skipped):
+    from maskx_jax.optim import skipped_losses
+
+    assert skipped_losses(freeze) == skipped

@@ -47,10 +47,13 @@ TIMEOUT_S = 600
 
 # README commands this test does not run, each with where it is run instead and why.
 COVERED_ELSEWHERE: dict[str, str] = {
-    "make demo": "the demo itself: ~15 min of both cores (python -m maskx_jax.demo, configs/demo_synthetic.py "
-                 "and its class-agnostic twin); its output is the README's 'Demo results' table and picture. "
-                 "tests/test_demo.py runs its driver with training stubbed; the same config goes through "
-                 "train.py, evaluation and pictures here (the Training commands), at 1-2 steps.",
+    "make demo": "the demo itself: ~15 min of both cores (python -m maskx_jax.demo: one detector and three mask "
+                 "branches on configs/transfer_synthetic.py); tests/test_transfer_experiment.py runs the same "
+                 "driver for real at toy size (two seeds, every arm) and the demo's table on its first seed.",
+    "python -m maskx_jax.transfer_experiment --config configs/transfer_synthetic.py --workdir runs/transfer "
+    "--output benchmarks/results/transfer.json --chart docs/transfer.png":
+        "the multi-seed experiment: ~2.5 h of both cores; tests/test_transfer_experiment.py runs the same command "
+        "(main()) at toy size: two seeds, every arm, tables and chart.",
     "make test": "runs the test suite, this file included (python -m pytest -q -n 2 --dist loadfile tests after the venv install, "
                  "which needs the network or a wheel cache).",
     "make bench": "25-35 min of wall-clock measurements (benchmarks/run.py, then benchmarks/large_vocab.py and "
@@ -61,16 +64,12 @@ COVERED_ELSEWHERE: dict[str, str] = {
 }
 
 # Paths the README takes from ``make demo`` -> the path a README command run here writes instead.
-PATH_ALIASES: dict[str, str] = {
-    # make demo's Mask^X run is configs/demo_synthetic.py in runs/demo/maskx; the README's own training
-    # command trains that config into runs/maskx_demo.
-    "runs/demo/maskx": "runs/maskx_demo",
-}
+PATH_ALIASES: dict[str, str] = {}
 
 # Whole-argument replacements: {README argument: argument run here}.
 ARG_SUBSTITUTIONS: dict[str, str] = {
-    # make demo checkpoints every 300 steps; the training commands here stop at steps 1 and 2.
-    "runs/demo/maskx/checkpoints/300": "runs/demo/maskx/checkpoints/2",
+    # the README's training run checkpoints every 300 steps; the training commands here stop at steps 1 and 2.
+    "runs/maskx_demo/checkpoints/300": "runs/maskx_demo/checkpoints/2",
 }
 
 

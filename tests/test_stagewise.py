@@ -257,7 +257,7 @@ def test_stagewise_training_freezes_the_detector(stagewise, tmp_path):
     assert len(big) == len(trained) and sum(x.size for x in big) == sum(x.size for x in trained.values())
 
     # The class count is read back from the saved state, where the frozen box predictor sits in ``rest``.
-    from maskx_jax.predict import _num_classes_in_checkpoint
+    from maskx_jax.workdir import num_classes_in_checkpoint as _num_classes_in_checkpoint
 
     assert _num_classes_in_checkpoint(str(tmp_path / "run" / "checkpoints" / "2")) == SYNTHETIC_CLASSES
 

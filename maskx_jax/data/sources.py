@@ -48,7 +48,7 @@ def cached_json(cache_dir: str, original: str, extra_key: str, build: Callable[[
 
 def _synthetic(d: ml_collections.ConfigDict) -> SyntheticPaths:
     return generate_synthetic(d.synthetic_dir, d.synthetic_num_train, d.synthetic_num_val, d.synthetic_image_size,
-                              d.synthetic_seed)
+                              d.synthetic_seed, d.synthetic_variant)
 
 
 def _partial_train_json(d: ml_collections.ConfigDict, train_json: str) -> str:
@@ -98,7 +98,7 @@ def open_box_source(d: ml_collections.ConfigDict, issues: Issues) -> Source:
     drop_empty = bool(d.drop_images_without_annotations)
     if d.box_source == "synthetic":
         paths = generate_synthetic(f"{os.path.normpath(d.synthetic_dir)}_box_source", d.synthetic_num_train, 0,
-                                   d.synthetic_image_size, d.synthetic_seed + 1)
+                                   d.synthetic_image_size, d.synthetic_seed + 1, d.synthetic_variant)
         return CocoSource(paths.train_json, paths.train_images, issues=issues, drop_empty_images=drop_empty,
                           segmentation_optional=True, tag=f"{BOX_SOURCE_TAG} train.json")
     if d.box_source == "coco":

@@ -1,11 +1,21 @@
 """A synthetic instance-segmentation dataset, generated locally and deterministically.
 
-Ten shape classes (:data:`maskx_jax.data.synthetic_shapes.CLASS_NAMES`: disk, square,
-triangle, star, ring, cross, hexagon, crescent, ellipse, l_shape). Each image holds 2-8
-instances with random scale (12-42 % of the image side), rotation and mild aspect jitter
-(ellipses are elongated by definition), painted with a random colour pair and texture
-(flat, stripes, checker, noise, gradient) that is drawn independently of the class: the
-class is in the shape only, so knowing the class helps to predict the mask. Backgrounds are
+Two variants (:data:`VARIANTS`, ``data.synthetic_variant``):
+
+* ``shapes10`` (the default): ten shape classes (:data:`maskx_jax.data.synthetic_shapes.CLASS_NAMES`:
+  disk, square, triangle, star, ring, cross, hexagon, crescent, ellipse, l_shape), 2-8 instances per
+  image at 12-42 % of the image side.
+* ``shapes24``: 24 classes (those ten and 14 with concavities, holes and thin parts), 2-6 instances at
+  22-50 % of the side, and **camouflage**: three objects in four fade into the background across
+  part of their extent (opacity ramps from 1 to 0-0.25 along a random direction, the last 7-33 % of
+  the object's diameter nearly invisible). The masks and boxes are still the whole visible object, so
+  the faded part can only be recovered from the class's shape: a mask head that knows the class
+  (class-specific, or Mask^X's transferred weights) has something to gain over a class-agnostic one.
+  Built to measure weight transfer (README, "Does Mask^X transfer?").
+
+In both, each instance has a random rotation and mild aspect jitter (ellipses are elongated by
+definition) and is painted with a random colour pair and texture (flat, stripes, checker, noise,
+gradient) drawn independently of the class: the class is in the shape only. Backgrounds are
 smooth colour fields mixed with a texture; distractor clutter (lines, dots, scribbles) is
 drawn before the objects and is not annotated; Gaussian pixel noise goes on top.
 
@@ -39,13 +49,40 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from maskx_jax.data import masks as mask_lib
-from maskx_jax.data.synthetic_shapes import CLASS_NAMES, SHAPES, rasterize
+from maskx_jax.data.synthetic_shapes import CLASS_NAMES, CLASS_NAMES_24, SHAPES, rasterize
 
 FORMAT_VERSION = 1
 _SPLITS = {"train": 0, "val": 1}
 _MIN_VISIBLE_FRACTION = 0.4
 _MIN_VISIBLE_PIXELS = 20
 _PLACEMENT_TRIES = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a dataset variant draws: its classes, object sizes and counts, and camouflage.
+
+    classes: class names (category ids 1..K in this order); diameter: (min, max) object size as a
+    fraction of the image side (log-uniform); objects: (min, max) objects per image; camouflage: the
+    probability that an object fades into the background across part of it (0: never).
+    """
+
+    classes: tuple[str, ...]
+    diameter: tuple[float, float]
+    objects: tuple[int, int]
+    camouflage: float
+
+
+VARIANTS: dict[str, Variant] = {
+    "shapes10": Variant(CLASS_NAMES, (0.12, 0.42), (2, 8), 0.0),
+    "shapes24": Variant(CLASS_NAMES_24, (0.22, 0.5), (2, 6), 0.75),
+}
+
+
+def _variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown synthetic dataset variant {name!r}; expected one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,60 +156,97 @@ def _draw_clutter(rng: np.random.Generator, canvas: Image.Image, size: int) -> N
             draw.line([tuple(p) for p in pts], fill=colour, width=1)
 
 
-def _place_objects(rng: np.random.Generator, size: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Draws 2-8 objects in paint order: [(class index 0..K-1, full mask, visible mask)]."""
-    placed: list[tuple[int, np.ndarray, np.ndarray]] = []
-    for _ in range(int(rng.integers(2, 9))):
+@dataclasses.dataclass
+class _Placed:
+    """One object of a scene: class index (0..K-1), full and visible masks, where it was put."""
+
+    cls: int
+    full: np.ndarray
+    visible: np.ndarray
+    center: tuple[float, float]
+    diameter: float
+
+
+def _place_objects(rng: np.random.Generator, size: int, variant: Variant) -> list[_Placed]:
+    """Draws the objects in paint order (``variant.objects`` of them, fewer when placements fail)."""
+    names = variant.classes
+    placed: list[_Placed] = []
+    for _ in range(int(rng.integers(variant.objects[0], variant.objects[1] + 1))):
         for _ in range(_PLACEMENT_TRIES):
-            cls = int(rng.integers(len(CLASS_NAMES)))
-            lo, hi = SHAPES[CLASS_NAMES[cls]][2]
-            diameter = size * math.exp(rng.uniform(math.log(0.12), math.log(0.42)))
+            cls = int(rng.integers(len(names)))
+            lo, hi = SHAPES[names[cls]][2]
+            diameter = size * math.exp(rng.uniform(math.log(variant.diameter[0]), math.log(variant.diameter[1])))
             aspect = math.exp(rng.uniform(math.log(lo), math.log(hi)))
             angle = rng.uniform(0.0, 2.0 * math.pi)
             center = tuple(rng.uniform(0.12 * size, 0.88 * size, 2))
-            full = rasterize(CLASS_NAMES[cls], diameter, aspect, angle, center, size)
+            full = rasterize(names[cls], diameter, aspect, angle, center, size)
             if full.sum() < 2 * _MIN_VISIBLE_PIXELS:
                 continue
-            if all((vis & ~full).sum() >= max(_MIN_VISIBLE_FRACTION * f.sum(), _MIN_VISIBLE_PIXELS)
-                   for _, f, vis in placed):
-                placed = [(c, f, vis & ~full) for c, f, vis in placed]
-                placed.append((cls, full, full.copy()))
+            if all((p.visible & ~full).sum() >= max(_MIN_VISIBLE_FRACTION * p.full.sum(), _MIN_VISIBLE_PIXELS)
+                   for p in placed):
+                for p in placed:
+                    p.visible = p.visible & ~full
+                placed.append(_Placed(cls, full, full.copy(), center, diameter))
                 break
     return placed
 
 
-def render_scene(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, list[dict]]:
+def _camouflage_alpha(rng: np.random.Generator, obj: _Placed, size: int) -> np.ndarray:
+    """float32 [size, size, 1] opacity of a camouflaged object along a random direction: 1 over the first
+    42-68 % of its diameter, then fading over a quarter of the diameter to 0-0.25, which it keeps to the far
+    side (7-33 % of the diameter)."""
+    direction = rng.uniform(0.0, 2.0 * math.pi)
+    start = rng.uniform(-0.15, 0.35)  # where the fade begins, in object radii from the centre
+    floor = rng.uniform(0.0, 0.25)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    along = ((xx + 0.5 - obj.center[0]) * math.cos(direction)
+             + (yy + 0.5 - obj.center[1]) * math.sin(direction)) / (obj.diameter / 2.0)
+    ramp = np.clip(1.0 - (along - start) / 0.5, 0.0, 1.0)
+    return (floor + (1.0 - floor) * ramp)[:, :, None].astype(np.float32)
+
+
+def render_scene(seed: int, split: str, index: int, size: int,
+                 variant: str = "shapes10") -> tuple[np.ndarray, list[dict]]:
     """One synthetic image and its instances.
 
     Args:
       seed, split ('train' | 'val'), index: identify the image; equal inputs, equal output.
       size: image side in pixels.
+      variant: a :data:`VARIANTS` name.
 
     Returns:
       (uint8 [size, size, 3] RGB image, [{'category': 1..K, 'mask': bool [size, size]
       visible mask, 'visible_fraction': float}] in paint order).
     """
+    spec = _variant(variant)
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     canvas = Image.fromarray(np.clip(_background(rng, size), 0, 255).astype(np.uint8))
     _draw_clutter(rng, canvas, size)
     image = np.asarray(canvas, np.float32).copy()
-    objects = _place_objects(rng, size)
-    for _, full, _ in objects:
-        image[full] = _texture(rng, size)[full]
+    objects = _place_objects(rng, size, spec)
+    # Camouflage draws from a stream of its own: every other draw (and so shapes10's images, byte for byte, and
+    # the annotations) is what it would be without camouflage.
+    camo_rng = np.random.default_rng([seed, _SPLITS[split], index, 1]) if spec.camouflage > 0 else None
+    for obj in objects:
+        paint = _texture(rng, size)
+        if camo_rng is not None and camo_rng.random() < spec.camouflage:
+            alpha = _camouflage_alpha(camo_rng, obj, size)
+            paint = alpha * paint + (1.0 - alpha) * image
+        image[obj.full] = paint[obj.full]
     image += rng.normal(0.0, rng.uniform(2.0, 10.0), image.shape).astype(np.float32)
     image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    instances = [{"category": cls + 1, "mask": vis, "visible_fraction": float(vis.sum() / full.sum())}
-                 for cls, full, vis in objects]
+    instances = [{"category": obj.cls + 1, "mask": obj.visible,
+                  "visible_fraction": float(obj.visible.sum() / obj.full.sum())} for obj in objects]
     return image, instances
 
 
 # ------------------------------------------------------------------------- writing
-def _write_split(root: str, split: str, num: int, size: int, seed: int, first_id: int) -> None:
+def _write_split(root: str, split: str, num: int, size: int, seed: int, first_id: int, variant: str) -> None:
     image_dir = os.path.join(root, "images", split)
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(num):
-        image, instances = render_scene(seed, split, i, size)
+        image, instances = render_scene(seed, split, i, size, variant)
         file_name = f"{i:06d}.png"
         Image.fromarray(image).save(os.path.join(image_dir, file_name), format="PNG")
         image_id = first_id + i
@@ -195,18 +269,23 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int, first_id
         "info": {"description": f"maskx_jax synthetic shapes ({split})", "version": str(FORMAT_VERSION)},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(CLASS_NAMES)],
+        "categories": [{"id": k + 1, "name": n, "supercategory": "shape"}
+                       for k, n in enumerate(_variant(variant).classes)],
     }
     with open(os.path.join(root, f"{split}.json"), "w") as f:
         json.dump(coco, f)
 
 
-def _meta(num_train: int, num_val: int, image_size: int, seed: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
-            "image_size": int(image_size), "seed": int(seed), "classes": list(CLASS_NAMES)}
+def _meta(num_train: int, num_val: int, image_size: int, seed: int, variant: str) -> dict:
+    meta = {"format_version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
+            "image_size": int(image_size), "seed": int(seed), "classes": list(_variant(variant).classes)}
+    if variant != "shapes10":  # shapes10's meta.json predates variants: datasets already generated stay valid
+        meta["variant"] = variant
+    return meta
 
 
-def is_complete(out_dir: str, num_train: int, num_val: int, image_size: int, seed: int) -> bool:
+def is_complete(out_dir: str, num_train: int, num_val: int, image_size: int, seed: int,
+                variant: str = "shapes10") -> bool:
     """True if ``out_dir`` holds a finished dataset generated with exactly these arguments."""
     paths = _paths(out_dir)
     try:
@@ -214,12 +293,12 @@ def is_complete(out_dir: str, num_train: int, num_val: int, image_size: int, see
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return (meta == _meta(num_train, num_val, image_size, seed)
+    return (meta == _meta(num_train, num_val, image_size, seed, variant)
             and os.path.isfile(paths.train_json) and os.path.isfile(paths.val_json))
 
 
 def generate_synthetic(out_dir: str, num_train: int = 600, num_val: int = 100, image_size: int = 128,
-                       seed: int = 0) -> SyntheticPaths:
+                       seed: int = 0, variant: str = "shapes10") -> SyntheticPaths:
     """Generates the dataset into ``out_dir`` unless a complete identical one is there.
 
     The dataset is written into a temporary sibling folder, ``meta.json`` last, and then
@@ -233,23 +312,25 @@ def generate_synthetic(out_dir: str, num_train: int = 600, num_val: int = 100, i
       num_train, num_val: number of images per split.
       image_size: image side in pixels (``data.synthetic_image_size``).
       seed: generation seed (``data.synthetic_seed``).
+      variant: a :data:`VARIANTS` name (``data.synthetic_variant``).
 
     Returns:
       :class:`SyntheticPaths`.
     """
+    _variant(variant)  # an unknown name fails before anything is written
     paths = _paths(out_dir)
-    if is_complete(out_dir, num_train, num_val, image_size, seed):
+    if is_complete(out_dir, num_train, num_val, image_size, seed, variant):
         return paths
     parent = os.path.dirname(paths.root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(paths.root)}.tmp-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is meant to be shared
     try:
-        _write_split(tmp, "train", num_train, image_size, seed, first_id=1)
-        _write_split(tmp, "val", num_val, image_size, seed, first_id=num_train + 1)
+        _write_split(tmp, "train", num_train, image_size, seed, 1, variant)
+        _write_split(tmp, "val", num_val, image_size, seed, num_train + 1, variant)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(_meta(num_train, num_val, image_size, seed), f)
-        if os.path.exists(paths.root) and not is_complete(out_dir, num_train, num_val, image_size, seed):
+            json.dump(_meta(num_train, num_val, image_size, seed, variant), f)
+        if os.path.exists(paths.root) and not is_complete(out_dir, num_train, num_val, image_size, seed, variant):
             stale = tempfile.mkdtemp(prefix=f".{os.path.basename(paths.root)}.stale-", dir=parent)
             os.rename(paths.root, os.path.join(stale, "old"))
             shutil.rmtree(stale, ignore_errors=True)
@@ -257,7 +338,7 @@ def generate_synthetic(out_dir: str, num_train: int = 600, num_val: int = 100, i
             os.rename(tmp, paths.root)
         except OSError:
             # Someone else finished first: keep theirs if it is what we wanted.
-            if not is_complete(out_dir, num_train, num_val, image_size, seed):
+            if not is_complete(out_dir, num_train, num_val, image_size, seed, variant):
                 raise
     finally:
         if os.path.exists(tmp):
