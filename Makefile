@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)

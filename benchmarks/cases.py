@@ -248,7 +248,8 @@ def _our_batch(images, targets, config):
 
 
 def train(framework: str, height: int, width: int, batch: int = 2, instances: int = 8, repeats: int = 3,
-          mask_mode: str = "class_specific", max_mask_rois: int = 128, mask_slot_buckets: tuple = (8, 16, 32, 64)) -> dict:
+          mask_mode: str = "class_specific", max_mask_rois: int = 128,
+          mask_slot_buckets: tuple = (8, 16, 32, 64)) -> dict:
     """``max_mask_rois``: maskx_jax's mask-loss RoI slots per image (torchvision's cap is 128 = 25% of 512);
     ``mask_slot_buckets``: the smaller slot counts the step may pick (() = always all of them)."""
     images = smooth_images(batch, height, width, seed=3)
@@ -397,11 +398,11 @@ def kernels(framework: str, repeats: int = 5, smoke: bool = False) -> dict:
         else:
             if name == "matmul":
                 xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-                fwd = lambda a, b: a @ b  # noqa: E731
+                fwd = lambda a, b: a @ b
             else:
                 xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
                 wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
-                fwd = lambda a, b, p=k // 2, s=stride: F.conv2d(a, b, stride=s, padding=p)  # noqa: E731
+                fwd = lambda a, b, p=k // 2, s=stride: F.conv2d(a, b, stride=s, padding=p)
             with torch.no_grad():
                 gt = torch.randn_like(fwd(xt, wt))
 

@@ -115,7 +115,7 @@ def environment() -> dict:
         import torchvision
 
         info.update(torch=torch.__version__, torchvision=torchvision.__version__, torch_threads=torch.get_num_threads())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
         info["torch"] = f"unavailable: {e}"
     return info
 

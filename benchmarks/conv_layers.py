@@ -27,9 +27,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.common import environment, timed, write_results  # noqa: E402
+from benchmarks.common import environment, timed, write_results
 
 # (input height, input width, in channels, out channels, kernel, stride, maskx_jax differentiates it)
 #   -> how often the step runs it
@@ -153,7 +153,8 @@ def markdown(result: dict) -> str:
         out += [f"**{size['height']}x{size['width']}, batch {size['batch']}**: total {tj:.2f} s (maskx_jax, "
                 f"{size['total_jax_gflop']:.0f} GFLOP) vs {tt:.2f} s (torchvision, {size['total_torch_gflop']:.0f} "
                 f"GFLOP), **{tt / tj:.2f}x**", "",
-                "| convolution | count | GFLOP each (jax / torch) | ms (jax / torch) | GFLOP/s (jax / torch) | speed-up |",
+                "| convolution | count | GFLOP each (jax / torch) | ms (jax / torch) | GFLOP/s (jax / torch) "
+                "| speed-up |",
                 "|---|---|---|---|---|---|"]
         for r in size["rows"]:
             j, t = r["jax_s"], r["torch_s"]

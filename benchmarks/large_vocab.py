@@ -30,14 +30,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from benchmarks.common import write_results  # noqa: E402
-from maskx_jax import mask_head  # noqa: E402
-from maskx_jax.detector import DetectorConfig, MaskRCNN  # noqa: E402
+from benchmarks.common import write_results
+from maskx_jax import mask_head
+from maskx_jax.detector import DetectorConfig, MaskRCNN
 
 
 class NaiveMaskRCNN(MaskRCNN):
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
             for path in PATHS:
                 row = fn(k, path, args)
                 rows.append(row)
-                print(f"{what:12s} K={k - 1:5d} {path:8s} {row['median_ms']:9.1f} ms  temp {_mib(row['temp_bytes'])} MiB"
+                print(f"{what:12s} K={k - 1:5d} {path:8s} {row['median_ms']:9.1f} ms  "
+                      f"temp {_mib(row['temp_bytes'])} MiB"
                       f"  args {_mib(row['argument_bytes'])} MiB  {row['flops'] / 1e9:.2f} GFLOP"
                       f"  (compile {row['compile_s']:.1f} s)", flush=True)
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),

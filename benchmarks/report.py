@@ -120,8 +120,9 @@ def markdown(result: dict) -> str:
             "0.05 (torchvision's default): ~100 detections/image, higher: fewer, and both run the mask head on "
             "fewer boxes; maskx_jax on the smallest of 8/16/32/64/100 rows holding every image's detections, "
             "picked inside predict. GFLOP and utilisation: rows where all 100 detections are kept):",
-            "", "| image | batch | score threshold | detections/image (jax / torch) | images/s (jax / torch) | speed-up | "
-            "jax compile s | peak RSS MiB (jax / torch) | GFLOP/image (jax XLA / torch counter) | jax utilisation |",
+            "", "| image | batch | score threshold | detections/image (jax / torch) | images/s (jax / torch) "
+            "| speed-up | jax compile s | peak RSS MiB (jax / torch) | GFLOP/image (jax XLA / torch counter) "
+            "| jax utilisation |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for j, t in _pairs(rows, "inference"):
         size = f"{j['height']}x{j['width']} | {j['batch']} | {j.get('score_thresh', 0.05):g}"
@@ -134,8 +135,9 @@ def markdown(result: dict) -> str:
                    f"{j['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} | "
                    f"{_gflop(j, t)} | {_util(j, peak, j['batch'])} |")
 
-    out += ["", "**Training step** (Mask R-CNN R50-FPN, frozen BN, stem + layer1 frozen, SGD, batch 2, 8 instances/image, "
-            f"512 RoIs/image; maskx_jax runs the mask head on the smallest of {_ladder(rows)} slots per image that holds "
+    out += ["", "**Training step** (Mask R-CNN R50-FPN, frozen BN, stem + layer1 frozen, SGD, batch 2, "
+            f"8 instances/image, 512 RoIs/image; maskx_jax runs the mask head on the smallest of {_ladder(rows)} "
+            "slots per image that holds "
             "every image's supervised positives (exact; picked inside the step), torchvision on its positives; "
             "'all 128 slots' = the static mask branch; 'transfer' = Mask^X with tau + MLP fusion. XLA's cost "
             "analysis adds up every branch of the slot switch, so GFLOP and utilisation are given for the static "
@@ -156,7 +158,8 @@ def markdown(result: dict) -> str:
         out.append(f"| {size} | {mode} | {j['images_per_s']:.3f} / {tv} | "
                    f"{_ratio(_median(t, 'run'), _median(j, 'run'))} | {j['compile_s']:.0f} | "
                    f"{j['peak_rss_mib']:.0f} / {rss} | {_gflop(j, t)} | "
-                   f"{'n/a' if t is None else _f(t.get('mask_rois_per_image'), '{:.0f}')} | {_util(j, peak, j['batch'])} |")
+                   f"{'n/a' if t is None else _f(t.get('mask_rois_per_image'), '{:.0f}')} | "
+                   f"{_util(j, peak, j['batch'])} |")
     return "\n".join(out) + "\n"
 
 

@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, environment, with_hugepages, write_results  # noqa: E402
-from benchmarks.report import markdown  # noqa: E402
+from benchmarks.common import ROOT, environment, with_hugepages, write_results
+from benchmarks.report import markdown
 
 SIZES = ((800, 1333), (512, 512))
 

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--checkpoint", required=True, help="torch .pth/.pt (state dict) or .safetensors file")
     p.add_argument("--output", required=True, help="directory to write the orbax checkpoint to")
-    p.add_argument("--bn-eps", type=float, default=1e-5, help="FrozenBN epsilon (0 for torchvision's legacy COCO v1 weights)")
+    p.add_argument("--bn-eps", type=float, default=1e-5,
+                   help="FrozenBN epsilon (0 for torchvision's legacy COCO v1 weights)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--classes", default="",
                    help="detectors: keep only these class rows of the predictors: 'coco80' (torchvision's 91-slot "

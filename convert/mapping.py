@@ -30,14 +30,16 @@ Path = tuple  # tuple[str | int, ...]
 _TO_CANONICAL: list[tuple[re.Pattern, Callable[[re.Match], str] | str]] = [
     (re.compile(r"^(.*\.)?fpn\.(inner_blocks|layer_blocks)\.(\d+)\.0\."), r"\1fpn.\2.\3."),
     (re.compile(r"^(.*\.)?rpn\.head\.conv\.0\.0\."), r"\1rpn.head.conv."),
-    (re.compile(r"^(.*\.)?mask_head\.(\d+)\.0\."), lambda m: f"{m.group(1) or ''}mask_head.mask_fcn{int(m.group(2)) + 1}."),
+    (re.compile(r"^(.*\.)?mask_head\.(\d+)\.0\."),
+     lambda m: f"{m.group(1) or ''}mask_head.mask_fcn{int(m.group(2)) + 1}."),
 ]
 
 # our canonical dotted name -> the name current torchvision writes in ``state_dict()``.
 _TO_TORCHVISION: list[tuple[re.Pattern, Callable[[re.Match], str] | str]] = [
     (re.compile(r"^(.*\.)?fpn\.(inner_blocks|layer_blocks)\.(\d+)\."), r"\1fpn.\2.\3.0."),
     (re.compile(r"^(.*\.)?rpn\.head\.conv\."), r"\1rpn.head.conv.0.0."),
-    (re.compile(r"^(.*\.)?mask_head\.mask_fcn(\d+)\."), lambda m: f"{m.group(1) or ''}mask_head.{int(m.group(2)) - 1}.0."),
+    (re.compile(r"^(.*\.)?mask_head\.mask_fcn(\d+)\."),
+     lambda m: f"{m.group(1) or ''}mask_head.{int(m.group(2)) - 1}.0."),
 ]
 
 # Keys that are bookkeeping, never parameters.

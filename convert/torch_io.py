@@ -48,7 +48,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping):
-        raise CheckpointReadError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointReadError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     out, bad = {}, []
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):

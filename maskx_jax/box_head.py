@@ -31,7 +31,7 @@ def _torch_linear_init(fan_in: int):
 
 def _linear(in_f: int, out_f: int, rngs: nnx.Rngs) -> Linear:
     init, bound = _torch_linear_init(in_f)
-    shifted = lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) - bound  # noqa: E731
+    shifted = lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) - bound
     return Linear(in_f, out_f, kernel_init=shifted, bias_init=shifted, rngs=rngs)
 
 

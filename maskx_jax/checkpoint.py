@@ -144,7 +144,7 @@ def save_detector(directory: str, model: MaskRCNN, *, source: str = "", overwrit
 
 def fit_problems(expected: Mapping[Path, tuple], flat: Mapping[Path, np.ndarray], max_lines: int = 20) -> list[str]:
     """Lines naming every missing / unexpected variable and shape difference (at most ``max_lines`` each)."""
-    name = lambda p: ".".join(map(str, p))  # noqa: E731
+    name = lambda p: ".".join(map(str, p))
 
     def listed(kind: str, items: list[str]) -> list[str]:
         more = [f"  ... and {len(items) - max_lines} more {kind}"] if len(items) > max_lines else []

@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.box_nms_thresh = 0.5  # inference: per-class NMS IoU
     m.detections_per_img = 100  # inference: detections kept per image
     m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
-    m.mask_slot_buckets = (8, 16, 32, 64)  # smaller mask-branch sizes picked when positives / detections are few (exact)
+    # smaller mask-branch sizes picked when positives / detections are few (exact)
+    m.mask_slot_buckets = (8, 16, 32, 64)
     m.box_roi_size = 7  # RoIAlign output for the box head
     m.mask_roi_size = 14  # mask logits are 2x this (28x28)
     # Training recipe: torchvision's values here; apply_recipe(c, "detectron") sets the paper's (see RECIPES)
@@ -107,14 +108,19 @@ def base_config() -> ml_collections.ConfigDict:
     d.synthetic_image_size = 128  # synthetic image side in pixels
     d.synthetic_seed = 0  # synthetic generator seed
     d.synthetic_variant = "shapes10"  # shapes10 (10 classes) | shapes24 (24 classes, camouflaged objects)
-    d.synthetic_mask_fraction = ""  # e.g. "ring:0,star:0.5": per class, the fraction of synthetic TRAINING instances that keep their mask (unlisted: 1); the others become box-only
+    # e.g. "ring:0,star:0.5": per class, the fraction of synthetic TRAINING instances that keep their mask
+    # (unlisted: 1); the others become box-only
+    d.synthetic_mask_fraction = ""
     # a second, box-only training source (Mask^X: boxes from one dataset, masks from data.source)
-    d.box_source = ""  # "" (none) | coco | tfds (data.tfds_* keys) | synthetic (built-in generator, data.synthetic_seed + 1)
+    # "" (none) | coco | tfds (data.tfds_* keys) | synthetic (built-in generator, data.synthetic_seed + 1)
+    d.box_source = ""
     d.box_source_json = ""  # box_source=coco: COCO annotation file (segmentations, if any, are ignored)
     d.box_source_images = ""  # box_source=coco: its image folder
-    d.box_source_fraction = 0.5  # fraction of training images drawn from the box source (exact in every window of 1/fraction images)
+    # fraction of training images drawn from the box source (exact in every window of 1/fraction images)
+    d.box_source_fraction = 0.5
     d.box_source_class_map = ""  # JSON file {"name in the box source": "canonical name"} for names that differ
-    d.box_source_unmatched = "error"  # box-source class matching no data.source class: error (list them) | add (a new set-B class)
+    # box-source class matching no data.source class: error (list them) | add (a new set-B class)
+    d.box_source_unmatched = "error"
 
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 16  # global, over all devices and hosts
@@ -132,11 +138,13 @@ def base_config() -> ml_collections.ConfigDict:
     t.clip_grad_norm = 0.0  # > 0: clip gradients to this global norm (0 = off, as in the paper)
     t.seed = 0  # parameter init, RoI/anchor sampling, data order and flips
     t.init_checkpoint = ""  # converted torchvision checkpoint (detector, box-only detector or resnet backbone)
-    t.freeze = ""  # parts kept fixed: comma-separated backbone, rpn, box_head, mask_head, or detector (= the first three)
+    # parts kept fixed: comma-separated backbone, rpn, box_head, mask_head, or detector (= the first three)
+    t.freeze = ""
     t.checkpoint_every = 5000  # save an orbax checkpoint every this many steps (and at the end)
     t.keep_checkpoints = 3  # checkpoints kept in WORKDIR/checkpoints
     t.log_every = 20  # TensorBoard scalars every this many steps
-    t.on_nonfinite = "stop"  # non-finite loss: stop (name the step, keep the last good checkpoint) | skip (drop that update, count it)
+    # non-finite loss: stop (name the step, keep the last good checkpoint) | skip (drop that update, count it)
+    t.on_nonfinite = "stop"
 
     c.eval = e = ml_collections.ConfigDict()
     e.batch_size = 8  # evaluation batch (global)
@@ -209,7 +217,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(m.depth in (18, 34, 50, 101), f"model.depth must be 18, 34, 50 or 101, got {m.depth}")
     check(m.norm in NORMS, f"model.norm must be one of {NORMS}, got {m.norm!r}")
     check(m.mask_mode in MASK_MODES, f"model.mask_mode must be one of {MASK_MODES}, got {m.mask_mode!r}")
-    check(m.transfer_input in TRANSFER_INPUTS, f"model.transfer_input must be one of {TRANSFER_INPUTS}, got {m.transfer_input!r}")
+    check(m.transfer_input in TRANSFER_INPUTS,
+          f"model.transfer_input must be one of {TRANSFER_INPUTS}, got {m.transfer_input!r}")
     check(m.transfer_layers in (1, 2, 3), f"model.transfer_layers must be 1, 2 or 3, got {m.transfer_layers}")
     check(m.transfer_activation in ACTIVATIONS, f"model.transfer_activation must be one of {ACTIVATIONS}")
     check(m.box_predictor_init in BOX_PREDICTOR_INITS,
@@ -234,21 +243,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
           "data.synthetic_mask_fraction only applies to data.source=synthetic")
     check(d.box_source in BOX_SOURCES, f"data.box_source must be one of {BOX_SOURCES}, got {d.box_source!r}")
     if d.box_source:
-        check(d.source in ("synthetic", "coco"), "data.box_source needs data.source=synthetic or coco (the mask source)")
+        check(d.source in ("synthetic", "coco"),
+              "data.box_source needs data.source=synthetic or coco (the mask source)")
         check(d.box_source != "coco" or bool(d.box_source_json and d.box_source_images),
               "data.box_source=coco needs data.box_source_json and data.box_source_images")
-        check(0.0 < d.box_source_fraction < 1.0, f"data.box_source_fraction must be in (0, 1), got {d.box_source_fraction}")
+        check(0.0 < d.box_source_fraction < 1.0,
+              f"data.box_source_fraction must be in (0, 1), got {d.box_source_fraction}")
         check(d.box_source_unmatched in UNMATCHED_POLICIES,
               f"data.box_source_unmatched must be one of {UNMATCHED_POLICIES}, got {d.box_source_unmatched!r}")
     else:
         check(not (d.box_source_json or d.box_source_images or d.box_source_class_map),
               "data.box_source_json / box_source_images / box_source_class_map are set but data.box_source is empty")
-    check(d.source != "coco" or bool(d.train_json and d.train_images), "data.source=coco needs data.train_json and data.train_images")
+    check(d.source != "coco" or bool(d.train_json and d.train_images),
+          "data.source=coco needs data.train_json and data.train_images")
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
     # Tuple-valued keys: a command-line override can give them any shape, so check it here
     # rather than deep inside the model's tracing.
     def numbers(v, kind=(int, float)) -> bool:
-        return isinstance(v, (tuple, list)) and all(isinstance(x, kind) and not isinstance(x, bool) and x > 0 for x in v)
+        return isinstance(v, (tuple, list)) and all(
+            isinstance(x, kind) and not isinstance(x, bool) and x > 0 for x in v)
 
     check(isinstance(m.anchor_sizes, (tuple, list)) and len(m.anchor_sizes) == 5
           and all(numbers(s) and len(s) >= 1 for s in m.anchor_sizes),

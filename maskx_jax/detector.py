@@ -220,7 +220,7 @@ class MaskRCNN(nnx.Module):
         box_feats = multiscale_roi_align(pooled, props.boxes, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
                                          cfg.aligned, cfg.pooler_scales)
         class_logits, box_deltas = self._box_outputs(box_feats)
-        post = lambda cl, bd, pb, pv, hw: detect_boxes(  # noqa: E731
+        post = lambda cl, bd, pb, pv, hw: detect_boxes(
             cl, bd, pb, pv, hw, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
             detections_per_img=cfg.detections_per_img)
         boxes, scores, labels, valid = jax.vmap(post)(class_logits, box_deltas, props.boxes, props.valid,
@@ -323,7 +323,7 @@ class MaskRCNN(nnx.Module):
         m = min(cfg.max_mask_rois_per_image, samples.rois.shape[1])
         n, g = batch.gt_classes.shape
         matched = samples.matched[:, :m]
-        per_slot = lambda x: jnp.take_along_axis(x, matched, axis=1)  # noqa: E731  (gt array -> slots)
+        per_slot = lambda x: jnp.take_along_axis(x, matched, axis=1)  # gt array -> slots
         supervise = samples.is_pos[:, :m] & per_slot(batch.gt_has_mask) & per_slot(batch.gt_valid)
         order = jnp.argsort(~supervise, axis=1, stable=True)  # supervised slots first
         matched = jnp.take_along_axis(matched, order, axis=1)

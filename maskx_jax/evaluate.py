@@ -91,8 +91,8 @@ def paste_binary_masks(
 
     To bound the number of jit compilations the paste runs on a canvas whose sides are
     rounded up to ``canvas_multiple``, with the row count rounded up to 16, 32, ..., 112,
-    128, 160, ... (padding rows paste nothing), then crops. Each output pixel depends only on its own coordinates and the box, so the
-    crop equals a paste at the exact size.
+    128, 160, ... (padding rows paste nothing), then crops. Each output pixel depends only on its own coordinates
+    and the box, so the crop equals a paste at the exact size.
 
     Args:
       masks: float [N, M, M] mask probabilities in the box frame (M = 28).
@@ -204,7 +204,8 @@ def detections_to_coco(
             }
             if rles is not None:
                 rle = rles[i]
-                result["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+                result["segmentation"] = {"size": [int(s) for s in rle["size"]],
+                                          "counts": rle["counts"].decode("ascii")}
             results.append(result)
     return results
 
@@ -415,7 +416,9 @@ def evaluate_model(
             )
         )
 
-    total = num_batches if num_batches is not None else (len(eval_batches) if hasattr(eval_batches, "__len__") else None)
+    total = num_batches
+    if total is None and hasattr(eval_batches, "__len__"):
+        total = len(eval_batches)
     pending = None
     for batch, _ in tqdm(eval_batches, total=total, desc="eval", disable=not progress, unit="batch"):
         det = predict_fn(batch.images, batch.image_sizes)
@@ -429,5 +432,5 @@ def evaluate_model(
             json.dump(results, f)
     iou_types = IOU_TYPES if with_masks else ("bbox",)
     return coco_evaluate(
-        gt, results, set_a_cat_ids, output_json=output_json, image_ids=sorted(seen_ids), iou_types=iou_types, verbose=verbose
-    )
+        gt, results, set_a_cat_ids, output_json=output_json, image_ids=sorted(seen_ids), iou_types=iou_types,
+        verbose=verbose)

@@ -68,7 +68,7 @@ def match(
 
     def body(carry):
         i, best, matched, low_quality, in_crowd = carry
-        take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c)  # noqa: E731
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c)
         gb, gv, gc = take(gt_boxes), take(gt_valid), take(gt_crowd)
         inter, union = box_inter_union(boxes, gb)  # [M, c]
         iou = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)

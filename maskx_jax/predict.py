@@ -121,7 +121,7 @@ def parse_pad(text: str) -> tuple[int, int]:
 def derived_pad(min_size: int, max_size: int) -> tuple[int, int]:
     """A landscape canvas holding every landscape image resized by (min_size, max_size);
     portrait images are shrunk further to fit it (pass a square --pad to avoid that)."""
-    up = lambda x: int(math.ceil(x / 32.0) * 32)  # noqa: E731
+    up = lambda x: int(math.ceil(x / 32.0) * 32)
     return up(min(min_size, max_size)), up(max_size)
 
 
@@ -265,7 +265,7 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
         model = load_converted_detector(checkpoint)
         num_classes = int(model.cfg.num_classes)
         jitted = make_predict_fn(model)
-        predict_fn = lambda images, sizes: jitted(images, sizes)  # noqa: E731
+        predict_fn = lambda images, sizes: jitted(images, sizes)
         kind = "converted"
         description = (f"converted detector {checkpoint} (R-{model.cfg.depth}-FPN, {num_classes - 1} classes, "
                        f"mask_mode={model.cfg.mask_mode}, source {meta.get('source') or '?'})")
@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw detections scoring at least this (default: eval.picture_score_thresh, or 0.5); "
                         "results.json keeps every detection")
     p.add_argument("--min-size", type=int, default=None, help="resize: shorter side (default data.min_size or 800)")
-    p.add_argument("--max-size", type=int, default=None, help="resize: longer side at most (default data.max_size or 1333)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="resize: longer side at most (default data.max_size or 1333)")
     p.add_argument("--pad", type=parse_pad, default=None,
                    help="static canvas HxW, multiples of 32 (default data.pad_height x pad_width, or derived "
                         "from --min-size/--max-size); images are shrunk to fit")

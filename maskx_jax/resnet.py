@@ -5,7 +5,6 @@ that converting a torchvision checkpoint is a renaming table. Input images are N
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import jax
 from flax import nnx

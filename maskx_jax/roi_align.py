@@ -380,7 +380,7 @@ def multiscale_roi_align(
     # All levels of an image side by side: [B, sum_l H_l*W_l, C], then one flat [P, C] array.
     # Static per-level tables (built at trace time) give each box its map geometry.
     sizes = [f.shape[1] * f.shape[2] for f in features]
-    offsets = [sum(sizes[:l]) for l in range(len(sizes))]
+    offsets = [sum(sizes[:level]) for level in range(len(sizes))]
     total = sum(sizes)
     flat = jnp.concatenate([f.reshape(bsz, s, c) for f, s in zip(features, sizes)], axis=1)
     flat = flat.reshape(bsz * total, c)

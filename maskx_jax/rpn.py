@@ -85,8 +85,8 @@ class RPNHead(nnx.Module):
         yy = (pixel // width)[..., None] + dy  # [N, S, 9] tap rows / columns, (dy, dx) row-major
         xx = (pixel % width)[..., None] + dx
         patches = None
-        for l, (f, (h, w)) in enumerate(zip(features, sizes)):
-            inside = (level[..., None] == l) & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        for index, (f, (h, w)) in enumerate(zip(features, sizes)):
+            inside = (level[..., None] == index) & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
             flat = jnp.where(inside, yy * w + xx, 0).reshape(n, s * 9, 1)
             taps = jnp.take_along_axis(f.reshape(n, h * w, c), flat, axis=1)
             taps = jnp.where(inside.reshape(n, s * 9, 1), taps, jnp.zeros((), f.dtype))
@@ -126,7 +126,8 @@ class RPN(nnx.Module):
         return anchors_lib.anchor_grid(tuple(image_hw), feature_sizes, self.anchor_sizes,
                                        (tuple(self.aspect_ratios),) * len(self.anchor_sizes))
 
-    def __call__(self, features: Sequence[Array], image_hw: tuple[int, int]) -> tuple[Array, Array, np.ndarray, list[int]]:
+    def __call__(self, features: Sequence[Array], image_hw: tuple[int, int]
+                 ) -> tuple[Array, Array, np.ndarray, list[int]]:
         """Head outputs plus the matching anchors: (logits [N,T], deltas [N,T,4], anchors [T,4], counts)."""
         logits, deltas = self.head(features)
         anchors, counts = self.anchors(image_hw, features)

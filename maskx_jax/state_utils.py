@@ -45,7 +45,7 @@ def abstract_module(build: Callable[[], M]) -> M:
 
 def _fit_error(shapes: Mapping[Path, tuple], flat: Mapping[Path, np.ndarray]) -> str | None:
     """The message naming every missing / unexpected / mis-shaped variable, or None when ``flat`` fits."""
-    name = lambda p: ".".join(map(str, p))  # noqa: E731
+    name = lambda p: ".".join(map(str, p))
     missing = sorted(name(p) for p in shapes if p not in flat)
     unexpected = sorted(name(p) for p in flat if p not in shapes)
     bad = [f"{name(p)}: got {tuple(np.shape(a))}, expected {tuple(shapes[p])}"

@@ -431,7 +431,7 @@ class Trainer:
 
     def param_count(self, state: TrainState) -> tuple[int, int]:
         """(trainable, frozen) scalar counts."""
-        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
         return count(state.params), count(state.rest)
 
     # ----------------------------------------------------------------------- init checkpoint
@@ -518,7 +518,7 @@ class Trainer:
                 logging.warning("eval batch of %d images does not split over %d devices: every device runs the whole "
                                 "batch (set eval.batch_size to a multiple of the device count)", images.shape[0],
                                 self.mesh.size)
-            put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])  # noqa: E731
+            put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
             det = self._predict(params, rest, put(images), put(image_sizes))
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
@@ -586,7 +586,7 @@ def check_checkpoint_fits(manager: ocp.CheckpointManager, trainer: Trainer, step
         more = [f"    ... and {len(items) - max_lines} more"] if len(items) > max_lines else []
         return [f"  {title} ({len(items)}):"] + [f"    {i}" for i in items[:max_lines]] + more
 
-    order = lambda k: (not k.startswith(("params.", "rest.")), k)  # noqa: E731 - the variables before their optimiser state
+    order = lambda k: (not k.startswith(("params.", "rest.")), k)  # the variables before their optimiser state
     missing = sorted(set(want) - set(saved), key=order)
     unexpected = sorted(set(saved) - set(want), key=order)
     shapes = [f"{k}: checkpoint {saved[k]}, model {want[k]}" for k in sorted(set(want) & set(saved), key=order)
@@ -598,7 +598,8 @@ def check_checkpoint_fits(manager: ocp.CheckpointManager, trainer: Trainer, step
             + "\n".join(listed("in the model, not in the checkpoint", missing)
                         + listed("in the checkpoint, not in the model", unexpected)
                         + listed("shape differs", shapes))
-            + "\nIt was written with another model config or dataset (class count): use its config, or a new --workdir.")
+            + "\nIt was written with another model config or dataset (class count): use its config, "
+              "or a new --workdir.")
 
 
 def restore_state(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None = None) -> TrainState:
@@ -681,7 +682,7 @@ class _Logger:
             return
         if self.window_steps > 0 and now > self.window_start:
             self.images_per_sec = self.window_steps * self.global_batch / (now - self.window_start)
-        mean = lambda xs: float(np.mean([float(x) for x in xs]))  # noqa: E731
+        mean = lambda xs: float(np.mean([float(x) for x in xs]))
         finite = [m for m in self.window if not bool(m["nonfinite"])] or self.window
         scalars = {f"loss/{k}": mean([m["losses"][k] for m in finite]) for k in finite[0]["losses"]}
         scalars["loss/total"] = mean([m["total"] for m in finite])
@@ -804,7 +805,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
                     f"{t.init_checkpoint} does not provide (they would stay random): "
                     f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''} (full list in "
                     f"{os.path.join(workdir, INIT_REPORT_FILE)}). Convert a checkpoint with those parts and the "
-                    f"dataset's class count (--classes coco80 maps torchvision's 91 COCO labels to 80), or freeze less.")
+                    f"dataset's class count (--classes coco80 maps torchvision's 91 COCO labels to 80), "
+                    f"or freeze less.")
     trainable, frozen = trainer.param_count(state)
     logging.info("parameters: %.2fM trainable, %.2fM frozen; mesh %s over %d devices (%d processes)",
                  trainable / 1e6, frozen / 1e6, dict(trainer.mesh.shape), trainer.mesh.size, jax.process_count())

@@ -190,7 +190,7 @@ def collect(protocol: Protocol, done: Mapping[int, Mapping[str, dict]], base) ->
     runs = [DETECTOR] + list(protocol.arms) + [f"e2e_{a}" for a in protocol.end_to_end]
     seeds = [s for s in protocol.seeds if all(r in done.get(s, {}) for r in runs)]
     d = base.data
-    series = lambda run, key: [done[s][run].get(key) for s in seeds]  # noqa: E731
+    series = lambda run, key: [done[s][run].get(key) for s in seeds]
     keys = ("set_b_mask_ap", "set_a_mask_ap", "set_b_mask_ap50", "set_b_box_ap", "set_a_box_ap", "seconds_per_step")
     return {
         "dataset": (f"built-in synthetic {d.synthetic_variant} ({d.synthetic_num_train} train / {d.synthetic_num_val} "

@@ -29,7 +29,8 @@ Gradients (a custom VJP; the residuals are the input and the kernel, as for the 
 Where it pays (measured on a 2-core AVX-512 CPU, forward + both gradients against XLA's direct
 convolution): with at least ~512 output tiles and 128+ channels, 1.07-1.85x (the FPN's P2
 convolution of a 512x512 image 1.6x, of 800x1333 1.85x, layer2's at 512 tiles 1.07x); with fewer
-tiles the 36 kernel transforms and the small matrix products cost more than they save. :func:`applies` encodes that rule.
+tiles the 36 kernel transforms and the small matrix products cost more than they save. :func:`applies` encodes
+that rule.
 """
 from __future__ import annotations
 

@@ -167,7 +167,8 @@ def test_sigkill_at_six_moments_then_resume_equals_uninterrupted(tmp_path):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"checkpoint {step}: {k}")
     assert int(TS.read_checkpoint(crashed, 6)["/step"]) == STEPS
-    assert json.load(open(os.path.join(crashed, "metrics.json"))) == json.load(open(os.path.join(straight, "metrics.json")))
+    crashed_metrics = json.load(open(os.path.join(crashed, "metrics.json")))
+    assert crashed_metrics == json.load(open(os.path.join(straight, "metrics.json")))
     assert _tmp_dirs(crashed) == []
     print(f"first kill + uninterrupted run {t1 - t0:.1f}s, 5 more kills + final run {t2 - t1:.1f}s")
 
@@ -202,7 +203,7 @@ def test_half_deleted_old_checkpoint_is_never_resumed_from(tmp_path):
     import train_fixtures as F
     from maskx_jax import train_lib
 
-    run = lambda cfg: train_lib.train(cfg, str(tmp_path), model_fn=F.tiny_model_fn,  # noqa: E731
+    run = lambda cfg: train_lib.train(cfg, str(tmp_path), model_fn=F.tiny_model_fn,
                                       num_classes=F.NUM_CLASSES, train_iter_fn=F.make_synthetic_iter(),
                                       evaluate_at_end=False, progress=False)
     run(F.stand_in_config(steps=4, keep_checkpoints=5))

@@ -8,11 +8,11 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed (extra `tfds`)")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from maskx_jax.config import base_config  # noqa: E402
-from maskx_jax.data import pipeline  # noqa: E402
-from maskx_jax.data.tfds_source import TfdsSource, resolve_builder_dir  # noqa: E402
+from maskx_jax.config import base_config
+from maskx_jax.data import pipeline
+from maskx_jax.data.tfds_source import TfdsSource, resolve_builder_dir
 
 # pycocotools calls numpy.asarray(copy=False) internally (numpy 2 deprecation): not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -45,8 +45,8 @@ def _examples(split):
         if i == 4:
             objects.append({"id": 99, "area": 0, "bbox": tfds.features.BBox(0.3, 0.3, 0.3, 0.5), "label": "bicycle",
                             "is_crowd": False})  # zero height
-        yield f"{split}{i}", {"image": image, "image/filename": f"{split}_{i}.jpg", "image/id": 1000 * (split == "val") + i,
-                              "objects": objects}
+        yield f"{split}{i}", {"image": image, "image/filename": f"{split}_{i}.jpg",
+                              "image/id": 1000 * (split == "val") + i, "objects": objects}
 
 
 class Coco(tfds.core.GeneratorBasedBuilder, skip_registration=True):

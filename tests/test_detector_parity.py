@@ -18,7 +18,6 @@ BatchNorm statistics are randomised too. 11 classes (10 + background) keep the h
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torchvision.models.detection.image_list import ImageList
 
 from convert.from_torch import convert_maskrcnn
 from maskx_jax import anchors as anchors_lib

@@ -260,7 +260,8 @@ def test_evaluate_model_loop(coco, perfect_metrics, tmp_path, capsys):
             image_sizes=padded(sizes[sl]) + (np.arange(6) >= n)[:, None],  # padding rows: nonzero sizes
             image_ids=np.concatenate([ids[sl], -np.ones(pad, np.int32)]),
             original_sizes=padded(orig[sl]) + (np.arange(6) >= n)[:, None],
-            det=Detections(*(padded(np.asarray(getattr(det, f))[sl]) for f in ("boxes", "scores", "labels", "valid", "masks"))),
+            det=Detections(*(padded(np.asarray(getattr(det, f))[sl])
+                             for f in ("boxes", "scores", "labels", "valid", "masks"))),
         )
         batches.append((batch, [None] * n))
     by_images = {id(b.images): b.det for b, _ in batches}

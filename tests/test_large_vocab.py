@@ -42,7 +42,7 @@ def test_gathered_equals_full_at_3000_classes(transfer_input):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # and jitted, as predict runs it
     graphdef, state = nnx.split(model)
-    jitted = jax.jit(lambda s, f, l: nnx.merge(graphdef, s).mask_logits(f, l))(state, features, labels)
+    jitted = jax.jit(lambda s, f, lab: nnx.merge(graphdef, s).mask_logits(f, lab))(state, features, labels)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -50,7 +50,7 @@ def _mask_branch_cost(num_classes: int, rois: int = 32) -> tuple[int, float]:
     """(temp bytes, flops) of the compiled mask branch ``mask_logits`` for ``rois`` detections."""
     graphdef, state = nnx.split(nnx.eval_shape(
         lambda: MaskRCNN(tiny_config(num_classes=num_classes), rngs=nnx.Rngs(0))))
-    f = lambda s, x, l: nnx.merge(graphdef, s).mask_logits(x, l)  # noqa: E731
+    f = lambda s, x, lab: nnx.merge(graphdef, s).mask_logits(x, lab)
     compiled = jax.jit(f).lower(state, jax.ShapeDtypeStruct((rois, 28, 28, 32), jnp.float32),
                                 jax.ShapeDtypeStruct((rois,), jnp.int32)).compile()
     cost = compiled.cost_analysis()

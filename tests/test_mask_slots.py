@@ -89,7 +89,7 @@ def test_predict_runs_the_mask_branch_on_the_valid_detections_only():
     def run(buckets, thresh):
         model = MaskRCNN(tiny_config(mask_slot_buckets=buckets, box_score_thresh=thresh), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
-        predict = lambda s: nnx.merge(graphdef, s).predict(images, sizes)  # noqa: E731
+        predict = lambda s: nnx.merge(graphdef, s).predict(images, sizes)
         return jax.jit(predict)(state), _has_switch(predict, state)
 
     scores = np.sort(np.asarray(run((), 0.0)[0].scores[0]))[::-1]

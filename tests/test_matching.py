@@ -154,7 +154,7 @@ def test_match_passes_no_gradient_to_the_candidates():
 def test_sample_respects_quota_and_validity():
     labels = jnp.asarray(np.r_[np.ones(50), np.zeros(400), -np.ones(50)].astype(np.int32))
     valid = jnp.asarray(np.r_[np.ones(480), np.zeros(20)].astype(bool))
-    idx, is_pos, ok = jax.jit(lambda l, v, k: sample(l, v, 64, 0.25, k))(labels, valid, jax.random.key(0))
+    idx, is_pos, ok = jax.jit(lambda lab, v, k: sample(lab, v, 64, 0.25, k))(labels, valid, jax.random.key(0))
     idx, is_pos, ok = map(np.asarray, (idx, is_pos, ok))
     assert ok.sum() == 64 and is_pos.sum() == 16
     assert (np.asarray(labels)[idx[is_pos]] == 1).all() and (np.asarray(labels)[idx[ok & ~is_pos]] == 0).all()

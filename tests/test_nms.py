@@ -60,7 +60,8 @@ def test_nms_ties_follow_torchvision_stable_order():
         boxes = random_boxes(rng, n, hi=100.0, max_wh=40.0)
         scores = rng.integers(0, 5, n).astype(np.float32)  # many equal scores
         valid = np.ones(n, bool)
-        np.testing.assert_array_equal(kept(*nms_jit(boxes, scores, valid, 0.5, n)), torch_nms(boxes, scores, valid, 0.5))
+        np.testing.assert_array_equal(kept(*nms_jit(boxes, scores, valid, 0.5, n)),
+                                      torch_nms(boxes, scores, valid, 0.5))
 
 
 def test_max_output_truncation_and_padding():

@@ -54,7 +54,8 @@ COVERED_ELSEWHERE: dict[str, str] = {
     "--output benchmarks/results/transfer.json --chart docs/transfer.png":
         "the multi-seed experiment: ~2.5 h of both cores; tests/test_transfer_experiment.py runs the same command "
         "(main()) at toy size: two seeds, every arm, tables and chart.",
-    "make test": "runs the test suite, this file included (python -m pytest -q -n 2 --dist loadfile tests after the venv install, "
+    "make test": "runs the test suite, this file included (python -m pytest -q -n 2 --dist loadfile tests after the "
+                 "venv install, "
                  "which needs the network or a wheel cache).",
     "make bench": "25-35 min of wall-clock measurements (benchmarks/run.py, then benchmarks/large_vocab.py and "
                   "benchmarks/conv_layers.py); tests/test_benchmarks.py runs the driver end to end at toy size "

@@ -25,11 +25,10 @@ import train_fixtures as F
 from convert import from_torch, to_torch
 from convert.classes import COCO80_ROWS, parse_classes, select_classes
 from convert.mapping import ConversionError
-from convert.torch_io import load_state_dict
 from maskx_jax import config as config_lib
 from maskx_jax import optim, train_lib
 from maskx_jax.checkpoint import load_detector, load_flat, read_meta
-from maskx_jax.detector import DetectorConfig, MaskRCNN, make_predict_fn
+from maskx_jax.detector import MaskRCNN, make_predict_fn
 from maskx_jax.state_utils import flat_variables
 from maskx_jax.transform import preprocess, resize_boxes
 from tests.torch_utils import calibrate_maskrcnn_, randomize_batchnorm_

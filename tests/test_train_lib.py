@@ -214,7 +214,7 @@ def test_real_model_resume_bitwise(tmp_path):
     cfg6 = F.tiny_config(str(tmp_path / "data"), steps=6)
     info = train_lib.load_datasets(cfg6)
     trainer = train_lib.Trainer(cfg6, info.num_classes)
-    run = lambda steps, wd, **kw: train_lib.train(  # noqa: E731
+    run = lambda steps, wd, **kw: train_lib.train(
         F.tiny_config(str(tmp_path / "data"), steps=steps), str(tmp_path / wd), trainer=trainer, info=info,
         progress=False, **kw)
     straight = run(6, "straight", evaluate_at_end=False)

@@ -7,16 +7,16 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed (extra `tfds`)")
 
-import train_fixtures as F  # noqa: E402
-from maskx_jax import config as config_lib  # noqa: E402
-from maskx_jax.data import pipeline  # noqa: E402
-from maskx_jax.data.synthetic_shapes import CLASS_NAMES  # noqa: E402
-from test_data_tfds import data_dir  # noqa: E402,F401  (the prepared tfds dataset fixture)
+import train_fixtures as F
+from maskx_jax import config as config_lib
+from maskx_jax.data import pipeline
+from maskx_jax.data.synthetic_shapes import CLASS_NAMES
+from test_data_tfds import data_dir  # noqa: F401  (the prepared tfds dataset fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def test_tfds_box_source(tmp_path, data_dir):  # noqa: F811
+def test_tfds_box_source(tmp_path, data_dir):  # noqa: F811 - data_dir is the imported fixture
     c = F.tiny_config(str(tmp_path))
     d = c.data
     d.box_source, d.tfds_data_dir, d.box_source_fraction = "tfds", data_dir, 0.5

@@ -32,7 +32,8 @@ def test_shapes_and_upscaling(hw, expected):
 
 def test_no_upscale_and_grayscale_and_empty():
     gray = np.full((50, 60), 90, np.uint8)
-    out = visualize.draw_detections(gray, np.zeros((0, 4)), [], [], np.zeros((0, 50, 60), bool), NAMES, min_short_side=0)
+    out = visualize.draw_detections(gray, np.zeros((0, 4)), [], [], np.zeros((0, 50, 60), bool), NAMES,
+                                    min_short_side=0)
     assert out.shape == (50, 60, 3)
     np.testing.assert_array_equal(out, 90)
 

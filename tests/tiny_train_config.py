@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import train_fixtures as F  # noqa: E402
+import train_fixtures as F
 
 
 def get_config():

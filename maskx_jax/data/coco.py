@@ -273,7 +273,9 @@ class CocoSource:
             return None
         if isinstance(segm, dict) and "counts" in segm and "size" in segm:
             size = segm["size"]
-            if not (isinstance(size, (list, tuple)) and len(size) == 2 and [int(size[0]), int(size[1])] == [height, width]):
+            fits = (isinstance(size, (list, tuple)) and len(size) == 2
+                    and [int(size[0]), int(size[1])] == [height, width])
+            if not fits:
                 self._warn("rle_size_mismatch", name, f"RLE size {size!r}, image {height}x{width}")
                 return None
             counts = segm["counts"]

@@ -61,7 +61,8 @@ def keep_masks(coco: dict, fractions: dict[str, float], seed: int) -> dict:
         cid = cat_ids[name]
         own = sorted((a for a in anns if a["category_id"] == cid and not a.get("iscrowd", 0) and a.get("segmentation")),
                      key=lambda a: a["id"])
-        keep = {int(i) for i in np.random.default_rng([seed, _STREAM, cid]).permutation(len(own))[: round(fraction * len(own))]}
+        order = np.random.default_rng([seed, _STREAM, cid]).permutation(len(own))
+        keep = {int(i) for i in order[: round(fraction * len(own))]}
         for k, a in enumerate(own):
             if k not in keep:
                 del a["segmentation"]

@@ -1,0 +1,22 @@
+"""The transfer experiment of ``transfer_synthetic.py`` on the default built-in data, ``shapes10``: the same
+model, recipe, arms, schedules and seeds; 10 classes, set A = the demo's six (disk, square, triangle, star,
+cross, ellipse), set B = ring, hexagon, crescent, l_shape; 600 training / 100 validation images.
+
+    python -m maskx_jax.transfer_experiment --config configs/transfer_shapes10.py --workdir runs/transfer_shapes10
+"""
+from configs.demo_synthetic import SET_A
+from configs.transfer_synthetic import DETECTOR_STEPS, MASK_STEPS, SEEDS  # noqa: F401  (the driver reads them)
+from configs.transfer_synthetic import get_config as _shapes24
+
+
+def get_config():
+    c = _shapes24()
+    d = c.data
+    d.synthetic_variant = "shapes10"
+    d.set_a = SET_A
+    d.synthetic_num_train = 600
+    d.synthetic_num_val = 100
+    d.max_instances = 12
+    d.synthetic_dir = "runs/shapes10_data"
+    d.cache_dir = "runs/shapes10_cache"
+    return c
