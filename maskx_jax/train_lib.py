@@ -887,6 +887,9 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
 
     for step in range(start, total):
         local = next(batches)
+        if step == start:  # which slice of the global batch this process loads (one line per run)
+            logging.info("process %d of %d loads images %s of step %d's global batch", jax.process_index(),
+                         jax.process_count(), [int(i) for i in np.asarray(local.image_ids).reshape(-1)], step)
         batch = trainer.global_batch(local)
         state, metrics = trainer.train_step(state, batch)
         if pending is not None:

@@ -17,6 +17,7 @@ jax.config.update("jax_enable_x64", False)
 # file at the end (longest-processing-time-first). Files not listed keep their usual order, after these.
 LONG_FILES_FIRST: tuple[str, ...] = (
     "test_readme_commands.py",  # ~280 s: every README command as a subprocess
+    "test_transfer_experiment.py",  # ~240 s: the transfer experiment at toy size, 14 training runs
     "test_sharding.py",  # ~170 s: 8-device workers
     "test_train_lib.py",
     "test_maskx.py",

@@ -14,9 +14,11 @@ import json
 import os
 import shutil
 
+import resources
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MINICOCO = os.path.join(ROOT, "..", "shared", "data", "minicoco")
+MINICOCO = resources.MINICOCO
 # Never linked into the session: what the README's commands create there, and the checkout's own state.
 _NOT_LINKED = frozenset({"runs", "ckpt", "out", "photos", "coco"})
 
@@ -73,10 +75,6 @@ def make_session(session: str, aliases: dict[str, str]) -> None:
         link = os.path.join(session, path)
         os.makedirs(os.path.dirname(link), exist_ok=True)
         os.symlink(os.path.relpath(os.path.join(session, target), os.path.dirname(link)), link)
-
-
-def minicoco_available() -> bool:
-    return os.path.isfile(os.path.join(MINICOCO, "annotations_train.json"))
 
 
 def make_torch_checkpoint(path: str, arch: str) -> None:

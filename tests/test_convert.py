@@ -136,6 +136,8 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists(), "the pickle payload ran"
     assert from_torch.main(["--arch", "resnet18", "--checkpoint", str(path), "--output", str(tmp_path / "o")]) == 1
     assert not marker.exists()
+    assert not (tmp_path / "o").exists()  # nothing written: not even the output folder
+    assert sorted(os.listdir(tmp_path)) == ["evil.pth"]  # no half-written or temporary sibling either
 
 
 def test_loaded_checkpoint_predicts_like_converted(maskrcnn_pth, tmp_path):

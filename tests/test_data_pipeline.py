@@ -14,11 +14,11 @@ from maskx_jax.data import pipeline
 from maskx_jax.data.classes import COCO_CATEGORIES, parse_set_a
 from maskx_jax.data.synthetic import generate_synthetic
 from maskx_jax.types import Batch
+import resources
 
 # pycocotools calls numpy.asarray(copy=False) internally (numpy 2 deprecation): not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-MINICOCO = "/work/shared/data/minicoco"
 FIELDS = [f.name for f in dataclasses.fields(Batch)]
 
 
@@ -269,14 +269,14 @@ def test_bad_val_json_is_cleaned_for_evaluation(synth_dir, tmp_path):
     assert len(coco.getAnnIds()) == len(val["annotations"]) - 1
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(MINICOCO, "images")), reason=f"minicoco not found at {MINICOCO}")
 def test_minicoco_batch_crowd_slots_and_alignment(tmp_path):
+    root = resources.minicoco()
     c = base_config()
     c.unlock()
     d = c.data
     d.source, d.set_a, d.cache_dir = "coco", "person,car", str(tmp_path)
-    d.train_json, d.train_images = f"{MINICOCO}/annotations_train.json", f"{MINICOCO}/images"
-    d.val_json, d.val_images = f"{MINICOCO}/annotations_val.json", f"{MINICOCO}/images"
+    d.train_json, d.train_images = f"{root}/annotations_train.json", f"{root}/images"
+    d.val_json, d.val_images = f"{root}/annotations_val.json", f"{root}/images"
     d.min_size, d.max_size, d.pad_height, d.pad_width, d.max_instances = 320, 512, 512, 512, 40
     d.hflip_prob = 0.0
     c.train.batch_size = 2

@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed (extra `tfds`)")
+import resources
+
+tfds = resources.import_or_skip("tensorflow_datasets", "tfds")
 
 from PIL import Image
 

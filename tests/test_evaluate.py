@@ -11,14 +11,11 @@ import pytest
 
 from maskx_jax import evaluate, paste
 from maskx_jax.types import Detections
+import resources
 
-MINICOCO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "minicoco")
-GT_JSON = os.path.join(MINICOCO, "annotations_val.json")
-pytestmark = [
-    pytest.mark.skipif(not os.path.exists(GT_JSON), reason=f"minicoco not found at {MINICOCO}"),
-    # pycocotools' own decode trips NumPy 2's __array__(copy=...) deprecation; not ours.
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-]
+GT_JSON = os.path.join(resources.MINICOCO, "annotations_val.json")
+# pycocotools' own decode trips NumPy 2's __array__(copy=...) deprecation; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 PERSON, CAR, AIRPLANE = 1, 2, 3
 SET_A = [PERSON]
@@ -29,6 +26,8 @@ M = 28
 
 @pytest.fixture(scope="module")
 def coco():
+    """The minicoco validation set: tests that use it skip on a machine without it, and fail under CI."""
+    resources.minicoco()
     return evaluate.load_coco(GT_JSON)
 
 

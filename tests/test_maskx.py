@@ -206,3 +206,60 @@ def test_frozen_parts_skip_their_losses(freeze, skipped):
     from maskx_jax.optim import skipped_losses
 
     assert skipped_losses(freeze) == skipped
+
+
+def _independent_transfer_logits(model, features, labels, activation):
+    """Mask^X logits written out from the named parameters in plain jnp (no library code): each RoI's class
+    embedding (cls_score column + its 4 bbox_pred columns), tau (fc1, activation, fc2), a bias-free 1x1 conv
+    on the conv5 features, plus the MLP fusion FC of the flattened (NHWC) conv5 features."""
+    rh = model.roi_heads
+    cls_k, box_k = rh.box_predictor.cls_score.kernel[...], rh.box_predictor.bbox_pred.kernel[...]
+    emb = jnp.stack([jnp.concatenate([cls_k[:, c]] + [box_k[:, 4 * c + j] for j in range(4)]) for c in labels])
+    wt = rh.weight_transfer
+    hidden = emb @ wt.fc1.kernel[...] + wt.fc1.bias[...]
+    hidden = jnp.where(hidden > 0, hidden, 0.1 * hidden) if activation == "leaky_relu" else jnp.maximum(hidden, 0)
+    weight = hidden @ wt.fc2.kernel[...] + wt.fc2.bias[...]  # [R, C]
+    per_class = jnp.sum(features * weight[:, None, None, :], axis=-1)  # [R, 28, 28]
+    mlp = rh.mask_predictor.mask_mlp
+    fused = (features.reshape(features.shape[0], -1) @ mlp.kernel[...] + mlp.bias[...]).reshape(per_class.shape)
+    return per_class, fused
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "relu"])
+def test_mlp_fusion_and_tau_against_an_independent_computation(activation):
+    cfg = tiny_config(mlp_fusion=True, transfer_activation=activation)
+    model = MaskRCNN(cfg, rngs=nnx.Rngs(3))
+    # non-trivial fusion weights (its init is N(0, 0.001)) and biases, so every term shows
+    mlp = model.roi_heads.mask_predictor.mask_mlp
+    mlp.kernel[...] = jax.random.normal(jax.random.key(5), mlp.kernel[...].shape) * 0.02
+    mlp.bias[...] = jax.random.normal(jax.random.key(6), mlp.bias[...].shape)
+    wt = model.roi_heads.weight_transfer
+    wt.fc1.bias[...] = jax.random.normal(jax.random.key(7), wt.fc1.bias[...].shape)
+    features = jax.random.normal(jax.random.key(1), (4, 28, 28, cfg.mask_head_channels))
+    labels = [1, 4, 2, 4]
+    per_class, fused = _independent_transfer_logits(model, features, labels, activation)
+    got = model.mask_logits(features, jnp.array(labels))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(per_class + fused), rtol=1e-4, atol=1e-4)
+    # the fusion term is the same for every class: it is added to each class's logits
+    for c in range(1, cfg.num_classes):
+        other = model.mask_logits(features, jnp.full((4,), c))
+        own, _ = _independent_transfer_logits(model, features, [c] * 4, activation)
+        np.testing.assert_allclose(np.asarray(other - own), np.asarray(fused), rtol=1e-4, atol=1e-4)
+    # leaky_relu and relu give different masks from the same weights (some hidden units are negative)
+    twin = MaskRCNN(tiny_config(mlp_fusion=True, transfer_activation="relu" if activation == "leaky_relu"
+                                else "leaky_relu"), rngs=nnx.Rngs(3))
+    nnx.update(twin, nnx.state(model))
+    assert not np.allclose(np.asarray(twin.mask_logits(features, jnp.array(labels))), np.asarray(got), atol=1e-5)
+
+
+def test_mlp_fusion_is_in_the_training_loss(batch):
+    """The fusion FC gets gradient from the mask loss, and changing it changes the loss."""
+    cfg = tiny_config(mlp_fusion=True)
+    value, grads = _mask_loss_grads(cfg, batch)
+    fusion = grads["roi_heads"]["mask_predictor"]["mask_mlp"]
+    assert _norm(fusion["kernel"]) > 0 and _norm(fusion["bias"]) > 0
+    model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
+    model.roi_heads.mask_predictor.mask_mlp.bias[...] = jnp.full_like(model.roi_heads.mask_predictor.mask_mlp.bias[...],
+                                                                      3.0)
+    shifted = float(model.losses(batch, jax.random.key(0))[1]["loss_mask"])
+    assert abs(shifted - value) > 1e-3

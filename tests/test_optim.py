@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from maskx_jax import config as config_lib
 from maskx_jax.optim import make_optimizer, make_schedule
+import resources
 
 
 def _train_cfg(**overrides):
@@ -49,7 +49,7 @@ def test_schedule_no_warmup_and_decay_inside_warmup():
 
 
 def test_sgd_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = resources.import_or_skip("torch", "torch")
     t = _train_cfg(lr=0.1, momentum=0.9, weight_decay=0.01, warmup_steps=3, warmup_factor=0.1,
                    lr_steps=(5, 7), lr_gamma=0.5)
     rng = np.random.default_rng(0)

@@ -39,7 +39,8 @@ from typing import Callable
 import pytest
 
 from readme_blocks import Command, Snippet, readme_items
-from readme_session import ROOT, make_session, make_torch_checkpoint, minicoco_available
+import resources
+from readme_session import ROOT, make_session, make_torch_checkpoint
 from train_subprocess import env as subprocess_env
 
 README = os.path.join(ROOT, "README.md")
@@ -308,10 +309,10 @@ def _run(argv: list[str], env: dict[str, str], cwd: str) -> subprocess.Completed
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not minicoco_available(), reason="../shared/data/minicoco is absent")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_readme_commands_run(tmp_path):
     """Runs every README command and snippet in order in one stand-in checkout; all must exit 0."""
+    resources.minicoco()  # the walk-through's COCO folder is made from it
     session = str(tmp_path / "checkout")
     os.makedirs(session)
     make_session(session, PATH_ALIASES)

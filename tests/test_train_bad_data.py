@@ -84,6 +84,10 @@ def _build_corrupt_coco(root) -> dict:
         add_ann(damaged, box, segmentation=[[16.0, 16.0, 40.0, 16.0]])  # polygon with 2 points
         add_ann(damaged, box, segmentation=[])  # empty segmentation
         add_ann(damaged, box, category_id=99)  # unknown category
+        add_ann(damaged, [float("nan"), 16.0, 24.0, 24.0])  # non-finite box (json writes NaN; json.load reads it)
+        add_ann(damaged, box, segmentation={"size": [10, 10], "counts": [100]})  # RLE of the wrong size
+        add_ann(987654, box)  # an image id the file does not have
+        data["categories"].append({"id": 2, "name": "square again"})  # a category id given twice
         path = root / f"{split}.json"
         path.write_text(json.dumps(data))
         out[f"{split}_json"], out[f"{split}_images"] = str(path), str(images)
@@ -130,11 +134,12 @@ def test_training_over_a_corrupt_coco_dataset_completes_with_a_summary(tmp_path)
         "image_rgba": 2, "image_16bit": 2,
         "box_degenerate": 2, "box_negative_size": 2, "box_outside_image": 2, "box_clipped": 2,
         "polygon_too_few_points": 2, "segmentation_empty": 4,  # the 2-point polygon leaves none + []
-        "unknown_category": 2,
+        "unknown_category": 2, "box_invalid": 2, "rle_size_mismatch": 2, "annotation_unknown_image": 2,
+        "duplicate_category": 2,
     }
     for kind, n in expected.items():
         assert counts.get(kind) == n, (kind, counts)
-    assert set(counts) - set(expected) <= {"too_many_instances"}, counts
+    assert set(counts) - set(expected) <= {"too_many_instances"}, counts  # (the synthetic images' own, if any)
     # Each warning names its record.
     for what in ("image_unreadable: train.json image", "(truncated.jpg)", "(corrupt.jpg)", "(missing.png)",
                  "image_too_large: val.json image", "image_duplicate_id", "box_negative_size: train.json ann"):

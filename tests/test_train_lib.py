@@ -84,10 +84,18 @@ def test_resume_equals_uninterrupted(tmp_path, trainer):
                 os.kill(os.getpid(), signal.SIGTERM)
             yield b
 
+    before = signal.getsignal(signal.SIGTERM)
     first = train_lib.train(cfg, str(tmp_path / "term"), trainer=trainer, train_iter_fn=terminated_iter,
                             evaluate_at_end=False, progress=False)
     assert first.preempted and first.step == 3
-    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+    # The signal arrived while step 2 was prepared: that step ran and its result (3 completed steps) was
+    # saved, the latest checkpoint, bitwise the uninterrupted run's state after 3 steps.
+    mngr = train_lib.make_checkpoint_manager(str(tmp_path / "term"), cfg)
+    assert mngr.latest_step() == 3
+    mngr.close()
+    three = _train(F.stand_in_config(steps=3), tmp_path / "three", trainer)
+    _assert_bitwise(three.state, _restore(tmp_path / "term", trainer, 3))
     again = train_lib.train(cfg, str(tmp_path / "term"), trainer=trainer, train_iter_fn=terminated_iter,
                             evaluate_at_end=False, progress=False)
     assert not again.preempted
@@ -111,6 +119,20 @@ def test_nonfinite_stop_names_step_and_keeps_checkpoint(tmp_path, trainer):
     skip_trainer = train_lib.Trainer(skip_cfg, F.NUM_CLASSES, model_fn=F.tiny_model_fn, mesh=trainer.mesh)
     res = _train(skip_cfg, tmp_path / "run", skip_trainer, nan_steps=(3,))
     assert res.step == 6 and res.skipped == 1
+
+
+def test_nonfinite_gradient_with_a_finite_loss_is_caught(tmp_path, trainer):
+    """Only the gradient norm can tell: the loss of the poisoned step is finite."""
+    state = trainer.init_state()
+    before = jax.device_get(state)
+    state, m = trainer.train_step(state, trainer.global_batch(F.synthetic_batch(0, 0, 8, bad_gradient=True)))
+    assert np.isfinite(float(m["total"])) and not np.isfinite(float(m["grad_norm"])) and bool(m["nonfinite"])
+    _assert_bitwise(before.params, state.params)
+    _assert_bitwise(before.opt_state, state.opt_state)
+    cfg = F.stand_in_config(steps=6, on_nonfinite="stop")
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite gradient at step 3\b"):
+        train_lib.train(cfg, str(tmp_path), trainer=trainer, evaluate_at_end=False, progress=False,
+                        train_iter_fn=F.make_synthetic_iter(bad_gradient_steps=(3,)))
 
 
 def test_nonfinite_step_leaves_params_unchanged(trainer):

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed (extra `tfds`)")
+import resources
+
+resources.import_or_skip("tensorflow_datasets", "tfds")
 
 import train_fixtures as F
 from maskx_jax import config as config_lib

@@ -23,6 +23,24 @@ IMAGE = 32
 SLOTS = 3
 
 
+@jax.custom_vjp
+def _poison_gradient(x: jax.Array, poison: jax.Array) -> jax.Array:
+    """Identity; its gradient is infinite where ``poison`` (a scalar bool) is set: a finite loss whose
+    gradient is not, which the train step must catch through the gradient norm alone."""
+    return x
+
+
+def _poison_fwd(x, poison):
+    return x, poison
+
+
+def _poison_bwd(poison, g):
+    return jnp.where(poison, jnp.inf, 1.0) * g, None
+
+
+_poison_gradient.defvjp(_poison_fwd, _poison_bwd)
+
+
 class TinyDetector(nnx.Module):
     """conv -> global pool -> (class logits, box) for the first gt slot; a frozen per-channel scale."""
 
@@ -38,7 +56,8 @@ class TinyDetector(nnx.Module):
         return x.mean(axis=(1, 2)) * self.scale[...]
 
     def losses(self, batch: Batch, rng: jax.Array):
-        feats = self._features(batch.images)
+        # a batch whose mask crops are negative (synthetic_batch(bad_gradient=True)) poisons the gradient only
+        feats = _poison_gradient(self._features(batch.images), jnp.any(batch.gt_masks < 0))
         keep = jax.random.bernoulli(rng, 0.8, feats.shape)  # uses the step RNG, like RoI sampling
         feats = jnp.where(keep, feats / 0.8, 0.0)
         logits = self.cls(feats)
@@ -61,8 +80,9 @@ def tiny_model_fn(config, num_classes, seed):
     return TinyDetector(num_classes, rngs=nnx.Rngs(seed))
 
 
-def synthetic_batch(seed: int, step: int, batch_size: int, nan: bool = False) -> Batch:
-    """The global batch of ``step``: a pure function of (seed, step)."""
+def synthetic_batch(seed: int, step: int, batch_size: int, nan: bool = False, bad_gradient: bool = False) -> Batch:
+    """The global batch of ``step``: a pure function of (seed, step). ``nan``: NaN pixels and boxes (a NaN loss);
+    ``bad_gradient``: a finite loss whose gradient is infinite (see :func:`_poison_gradient`)."""
     r = np.random.default_rng([seed, step])
     b = batch_size
     xy = r.uniform(0, IMAGE / 2, (b, SLOTS, 2))
@@ -80,21 +100,23 @@ def synthetic_batch(seed: int, step: int, batch_size: int, nan: bool = False) ->
         gt_valid=np.ones((b, SLOTS), bool),
         gt_crowd=np.zeros((b, SLOTS), bool),
         gt_has_mask=np.ones((b, SLOTS), bool),
-        gt_masks=np.ones((b, SLOTS, 8, 8), np.float32),
+        gt_masks=np.full((b, SLOTS, 8, 8), -1.0 if bad_gradient else 1.0, np.float32),
         image_ids=np.arange(b, dtype=np.int32) + step * b,
         original_sizes=np.full((b, 2), IMAGE, np.int32),
     )
 
 
-def make_synthetic_iter(nan_steps=()):
-    """A ``make_train_iterator`` stand-in; the steps in ``nan_steps`` get NaN images."""
+def make_synthetic_iter(nan_steps=(), bad_gradient_steps=()):
+    """A ``make_train_iterator`` stand-in; the steps in ``nan_steps`` get NaN images, those in
+    ``bad_gradient_steps`` a finite loss with an infinite gradient."""
 
     def it(config, *, start_step=0, process_index=0, process_count=1):
         b = config.train.batch_size
         local = b // process_count
         step = start_step
         while True:
-            g = synthetic_batch(config.data.synthetic_seed, step, b, nan=step in nan_steps)
+            g = synthetic_batch(config.data.synthetic_seed, step, b, nan=step in nan_steps,
+                                bad_gradient=step in bad_gradient_steps)
             yield jax.tree.map(lambda x: x[process_index * local:(process_index + 1) * local], g)
             step += 1
 
