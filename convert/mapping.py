@@ -13,7 +13,8 @@ Exceptions are handled by the rename tables below:
     accepted; we write the current names.
   * conv weights OIHW -> HWIO; ``conv5_mask`` (ConvTranspose) IOHW -> HWIO; dense [out, in] -> [in, out];
   * ``fc6`` consumes a flattened RoI feature: torch flattens [C, 7, 7] (channel-major), we flatten
-    NHWC [7, 7, C], so its input rows are permuted.
+    NHWC [7, 7, C], so its input rows are permuted; so are those of Mask^X's MLP fusion FC (``mask_mlp``,
+    flattened [C, 28, 28] conv5 mask features; ``convert/torch_models.py`` has its torch module).
   * ``num_batches_tracked`` (BatchNorm bookkeeping, not a parameter) is dropped on import and
     written as 0 on export so that both BatchNorm2d and FrozenBatchNorm2d models load strictly.
 """
@@ -99,7 +100,20 @@ def _fc6_rows_ours_to_torch(w_in_out: np.ndarray, chw: tuple[int, int, int]) -> 
     return w_in_out.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(c * h * w, out)
 
 
-def torch_tensor_to_flax(path: Path, value: np.ndarray, fc6_chw: tuple[int, int, int]) -> np.ndarray:
+def _flattened_input_chw(path: Path, fc6_chw: tuple[int, int, int],
+                         mask_mlp_chw: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """The [C, H, W] a dense kernel's input rows flatten (fc6, mask_mlp), or None for an ordinary FC."""
+    if "fc6" in path:
+        return fc6_chw
+    if "mask_mlp" in path:
+        if mask_mlp_chw is None:
+            raise ConversionError(f"{path_to_dotted(path)}: the MLP fusion FC needs its input layout (mask_mlp_chw)")
+        return mask_mlp_chw
+    return None
+
+
+def torch_tensor_to_flax(path: Path, value: np.ndarray, fc6_chw: tuple[int, int, int],
+                         mask_mlp_chw: tuple[int, int, int] | None = None) -> np.ndarray:
     """Layout transform for one tensor, chosen by our parameter name and the tensor rank."""
     if path[-1] != "kernel":
         return value
@@ -109,13 +123,13 @@ def torch_tensor_to_flax(path: Path, value: np.ndarray, fc6_chw: tuple[int, int,
         return value.transpose(2, 3, 1, 0)  # Conv2d weight [out, in, kh, kw]
     if value.ndim == 2:
         w = value.T
-        if "fc6" in path:
-            w = _fc6_rows_torch_to_ours(w, fc6_chw)
-        return w
+        chw = _flattened_input_chw(path, fc6_chw, mask_mlp_chw)
+        return w if chw is None else _fc6_rows_torch_to_ours(w, chw)
     raise ConversionError(f"{path_to_dotted(path)}: unexpected rank {value.ndim} for a kernel")
 
 
-def flax_tensor_to_torch(path: Path, value: np.ndarray, fc6_chw: tuple[int, int, int]) -> np.ndarray:
+def flax_tensor_to_torch(path: Path, value: np.ndarray, fc6_chw: tuple[int, int, int],
+                         mask_mlp_chw: tuple[int, int, int] | None = None) -> np.ndarray:
     """Inverse of :func:`torch_tensor_to_flax`."""
     if path[-1] != "kernel":
         return value
@@ -124,9 +138,8 @@ def flax_tensor_to_torch(path: Path, value: np.ndarray, fc6_chw: tuple[int, int,
             return value.transpose(2, 3, 0, 1)
         return value.transpose(3, 2, 0, 1)
     if value.ndim == 2:
-        if "fc6" in path:
-            value = _fc6_rows_ours_to_torch(value, fc6_chw)
-        return value.T
+        chw = _flattened_input_chw(path, fc6_chw, mask_mlp_chw)
+        return (value if chw is None else _fc6_rows_ours_to_torch(value, chw)).T
     raise ConversionError(f"{path_to_dotted(path)}: unexpected rank {value.ndim} for a kernel")
 
 
@@ -179,17 +192,19 @@ def _mismatch_covers(path: Path, mismatched: list[str]) -> bool:
 
 
 def flax_to_torch(flat: Mapping[Path, np.ndarray], *, fc6_chw: tuple[int, int, int] = (256, 7, 7),
+                  mask_mlp_chw: tuple[int, int, int] | None = None,
                   key_prefix_strip: str = "") -> dict[str, np.ndarray]:
     """Our flat {path: array} -> a torchvision state_dict (NumPy values, current key names).
 
     Every FrozenBN (identified by its ``running_var``) also gets ``num_batches_tracked = 0``.
+    ``mask_mlp_chw``: [C, 28, 28] of the conv5 mask features, when ``flat`` has Mask^X's MLP fusion FC.
     """
     out: dict[str, np.ndarray] = {}
     for path, value in flat.items():
         name = torchvision_key(path_to_dotted(path))
         if key_prefix_strip and name.startswith(key_prefix_strip):
             name = name[len(key_prefix_strip):]
-        out[name] = np.ascontiguousarray(flax_tensor_to_torch(path, np.asarray(value), fc6_chw))
+        out[name] = np.ascontiguousarray(flax_tensor_to_torch(path, np.asarray(value), fc6_chw, mask_mlp_chw))
         if name.endswith(".running_var"):
             out[name[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
     return out

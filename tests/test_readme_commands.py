@@ -86,6 +86,14 @@ class SnippetPlan:
 
 # {a string identifying the snippet: how it runs}. Every README snippet must match exactly one key.
 SNIPPETS: dict[str, SnippetPlan] = {
+    "load_exported(": SnippetPlan(
+        substitutions=(), prelude="",
+        epilogue="assert type(model).__name__ == 'MaskRCNN', type(model)\n"
+                 "assert type(model.roi_heads.mask_predictor).__name__ == 'MaskXPredictor'\n"
+                 "assert set(out) == {'boxes', 'labels', 'scores', 'masks'}\n"
+                 "assert out['masks'].shape[2:] == image.shape[1:], (out['masks'].shape, image.shape)\n"
+                 "print('snippet ok:', len(out['boxes']), 'detections in torchvision')\n",
+    ),
     "load_detector(": SnippetPlan(
         # 800x1333 on an R-50 costs minutes of CPU; the code path is the same at 128.
         substitutions=(("min_size=800, max_size=1333, pad_to=(800, 1344)",

@@ -172,3 +172,42 @@ def test_demo_shows_the_controlled_comparison(experiment, capsys):
         assert str(workdir / "seed0" / arm / "pictures") in table
         assert os.listdir(workdir / "seed0" / arm / "pictures")
     assert demo.MULTI_SEED_TABLE in table and table in capsys.readouterr().out
+
+
+def test_trained_workdirs_export_to_torchvision(experiment, tmp_path):
+    """``python -m convert.to_torch`` on work directories trained here (the seed-0 detector, box-only, and its
+    Mask^X + MLP fusion arm): the files are written, load_exported builds the model and loads them strictly, and
+    its mask predictor computes the JAX model's logits for every class (full parity: tests/test_export_torch.py)."""
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from convert import to_torch
+    from convert.torch_models import load_exported
+    from maskx_jax.detector import MaskRCNN
+    from maskx_jax.model_builder import detector_config
+    from maskx_jax.state_utils import abstract_module, from_flat
+
+    root, _ = experiment
+    det_out = tmp_path / "detector.pth"
+    assert to_torch.main(["--checkpoint", str(root / "runs" / "seed0" / "detector"), "--output", str(det_out)]) == 0
+    assert type(load_exported(str(det_out))).__name__ == "FasterRCNN"
+    workdir = root / "runs" / "seed0" / "transfer_mlp"
+    out = tmp_path / "maskx.safetensors"
+    assert to_torch.main(["--checkpoint", str(workdir / "checkpoints" / "2"), "--output", str(out)]) == 0
+    spec = json.load(open(str(out) + ".json"))
+    assert spec["kind"] == "detector" and spec["min_size"] == 64 and spec["detector"]["mask_mode"] == "transfer"
+    model = load_exported(str(out))
+    assert type(model.roi_heads.mask_predictor).__name__ == "MaskXPredictor"
+    flat, found = workdir_lib.load_variables(str(workdir))
+    cfg = detector_config(workdir_lib.read_config(str(workdir)), found["num_classes"])
+    ours = from_flat(abstract_module(lambda: MaskRCNN(cfg, rngs=nnx.Rngs(0))), flat)
+    x = np.random.default_rng(0).normal(size=(2, 14, 14, cfg.mask_head_channels)).astype(np.float32)
+    with torch.no_grad():
+        logits = model.roi_heads.mask_predictor(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    feats = ours.roi_heads.mask_predictor.features(jnp.asarray(x))
+    for c in range(1, cfg.num_classes):
+        want = np.asarray(ours.mask_logits(feats, jnp.full((2,), c)))
+        np.testing.assert_allclose(logits[:, c], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # --step names a checkpoint of the work directory: one it does not hold is an error
+    assert to_torch.main(["--checkpoint", str(workdir), "--step", "1", "--output", str(tmp_path / "s1.pth")]) == 1
