@@ -109,10 +109,16 @@ def verify_in_torchvision(state: dict[str, np.ndarray], spec: dict[str, Any]) ->
 
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
     if spec["kind"] in ("detector", "box_detector"):
-        from convert.torch_models import build_detector
+        from convert.torch_models import build_detector, stock_builder
 
         model = build_detector(spec["detector"], min_size=spec["min_size"], max_size=spec["max_size"])
         model.load_state_dict(tensors, strict=True)
+        stock = stock_builder(spec["detector"])
+        if stock is not None:  # torchvision's own builder takes it too
+            getattr(torchvision.models.detection, stock)(
+                weights=None, weights_backbone=None, num_classes=spec["detector"]["num_classes"]
+            ).load_state_dict(tensors, strict=True)
+            return f"loads into torchvision {stock} with strict=True"
         predictor = getattr(model.roi_heads, "mask_predictor", None)
         head = "no mask branch" if predictor is None else f"mask predictor {type(predictor).__name__}"
         return f"loads into torchvision {type(model).__name__} ({head}) with strict=True"

@@ -69,6 +69,25 @@ def unsupported(cfg: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+# torchvision's own R-50-FPN builders' architecture (maskrcnn_resnet50_fpn / fasterrcnn_resnet50_fpn, v1).
+_STOCK_R50 = {"depth": 50, "norm": "frozen_bn", "fpn_channels": 256, "representation": 1024, "box_roi_size": 7,
+              "mask_roi_size": 14, "sampling_ratio": 2, "anchor_sizes": [[32], [64], [128], [256], [512]],
+              "aspect_ratios": [0.5, 1.0, 2.0]}
+
+
+def stock_builder(cfg: Mapping[str, Any]) -> str | None:
+    """``'maskrcnn_resnet50_fpn'`` / ``'fasterrcnn_resnet50_fpn'`` when torchvision's own builder has ``cfg``'s
+    architecture (a plain mask predictor of width 256), else None (then :func:`build_detector` is the model)."""
+    plain = json.loads(json.dumps({k: cfg.get(k) for k in _STOCK_R50}))
+    if plain != _STOCK_R50 or cfg.get("aligned"):
+        return None
+    if cfg.get("mask_mode") == "none":
+        return "fasterrcnn_resnet50_fpn"
+    if cfg.get("mlp_fusion") or int(cfg.get("mask_head_channels", 0)) != 256:
+        return None
+    return "maskrcnn_resnet50_fpn"
+
+
 def _norm_layer(cfg: Mapping[str, Any]):
     eps = float(cfg.get("norm_eps", 1e-5))
     if cfg.get("norm") == "group_norm":
