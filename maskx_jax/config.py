@@ -7,6 +7,8 @@ wrong type. :func:`validate` checks the options against each other before anythi
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import ml_collections
 
 from maskx_jax import optim
@@ -181,6 +183,44 @@ RECIPES: dict[str, dict[str, object]] = {
         "train.warmup_factor": 1.0 / 3,
     },
 }
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """Apply ``[("section.key", "text"), ...]`` (``--config.section.key=text`` on a command line) to ``c`` in place.
+
+    The text is read as the key's current type: a string as it is, a bool from true/false/1/0, numbers and
+    tuples as Python literals. Raises ValueError naming an unknown key or a value of the wrong type.
+    """
+    import ast
+
+    for key, text in overrides:
+        parts = key.split(".")
+        node = c
+        try:
+            for p in parts[:-1]:
+                node = node[p]
+            current = node[parts[-1]]
+        except (KeyError, AttributeError):
+            raise ValueError(f"unknown config key {key!r}; every key is listed in maskx_jax/config.py") from None
+        if isinstance(current, str):
+            value = text
+        elif isinstance(current, bool):
+            if text.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--config.{key}={text}: expected true or false")
+            value = text.strip().lower() in ("true", "1")
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"--config.{key}={text}: not a {type(current).__name__}") from None
+            if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(current, tuple) and isinstance(value, list):
+                value = tuple(value)
+            if type(value) is not type(current):
+                raise ValueError(f"--config.{key}={text}: expected a {type(current).__name__}")
+        node[parts[-1]] = value
+    return c
 
 
 def apply_recipe(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:

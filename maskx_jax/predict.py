@@ -189,6 +189,7 @@ class Predictor:
     min_size, max_size, pad: resize rule and the static canvas (H, W).
     score_thresh: default drawing threshold.
     kind: 'converted' or 'workdir'; description: one line naming what was loaded.
+    has_masks: False for a box-only model (a work directory trained with ``model.mask_mode=none``).
     """
 
     predict_fn: Callable[[Any, Any], Any]
@@ -203,6 +204,7 @@ class Predictor:
     kind: str
     description: str
     batch_size: int = 1
+    has_masks: bool = True
 
 
 def load_config_file(path: str):
@@ -238,17 +240,47 @@ def _dataset_info(config):
         return None
 
 
+def _inference_overrides(cfg: Any, overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """{DetectorConfig field: value} for the ``model.*`` inference-only keys among ``overrides``."""
+    import ast
+
+    from maskx_jax.train_lib import INFERENCE_ONLY_MODEL_KEYS
+
+    out = {}
+    for key, text in overrides:
+        if key in INFERENCE_ONLY_MODEL_KEYS:
+            name = key.split(".", 1)[1]
+            out[name] = type(getattr(cfg, name))(ast.literal_eval(text))
+    return out
+
+
 def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int | None = None,
                    class_names_file: str | None = None, min_size: int | None = None,
                    max_size: int | None = None, pad: tuple[int, int] | None = None,
-                   score_thresh: float | None = None, batch_size: int | None = None) -> Predictor:
-    """Load a converted checkpoint or a training work directory (see the module docstring)."""
+                   score_thresh: float | None = None, batch_size: int | None = None,
+                   overrides: Sequence[tuple[str, str]] = ()) -> Predictor:
+    """Load a converted checkpoint or a training work directory (see the module docstring).
+
+    ``overrides``: ``[("section.key", "text")]`` from ``--config.section.key=text``, applied to the ``--config``
+    file's config, else to the work directory's saved one (a converted checkpoint needs ``--config`` for them).
+    """
     import jax
 
     from maskx_jax import checkpoint as ckpt_lib
+    from maskx_jax import config as config_lib
     from maskx_jax import workdir as workdir_lib
 
     config = load_config_file(config_path) if config_path else None
+    if config is not None:
+        config_lib.apply_overrides(config, overrides)
+    elif overrides and workdir_lib.find_workdir(checkpoint) is None:
+        # A converted checkpoint fixes the architecture; its inference settings may still change.
+        from maskx_jax.train_lib import INFERENCE_ONLY_MODEL_KEYS
+
+        fixed = [k for k, _ in overrides if k not in INFERENCE_ONLY_MODEL_KEYS]
+        if fixed:
+            raise ValueError(f"--config.{fixed[0]}: a converted checkpoint takes overrides of the inference settings "
+                             f"only ({', '.join(sorted(INFERENCE_ONLY_MODEL_KEYS))}); give --config for the others")
     class_names = None
     cat_ids = None
     set_b: tuple[int, ...] = ()
@@ -263,6 +295,9 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
         if meta.get("kind") != "detector":
             raise ValueError(f"{checkpoint} holds a {meta.get('kind')!r} checkpoint (a backbone), not a detector")
         model = load_converted_detector(checkpoint)
+        changes = _inference_overrides(model.cfg, overrides)
+        if changes:  # --config.model.box_score_thresh=... and the like: the architecture stays the checkpoint's
+            model.cfg = dataclasses.replace(model.cfg, **changes)
         num_classes = int(model.cfg.num_classes)
         jitted = make_predict_fn(model)
         predict_fn = lambda images, sizes: jitted(images, sizes)
@@ -286,6 +321,7 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
         if config is None:
             with open(os.path.join(workdir, train_lib.CONFIG_FILE)) as f:
                 config = workdir_lib.config_from_saved(json.load(f))
+            config_lib.apply_overrides(config, overrides)
         else:
             train_lib.check_resume_config(workdir, config)  # refuses another architecture, with a diff
         manager = train_lib.make_checkpoint_manager(workdir, config)
@@ -341,7 +377,8 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
     return Predictor(predict_fn=predict_fn, num_classes=num_classes, class_names=tuple(class_names),
                      contiguous_to_cat_id=cat_ids, set_b_ids=set_b, min_size=min_size, max_size=max_size,
                      pad=tuple(pad), score_thresh=float(score_thresh), kind=kind, description=description,
-                     batch_size=int(batch_size))
+                     batch_size=int(batch_size),
+                     has_masks=not (kind == "workdir" and config.model.mask_mode == "none"))
 
 
 # --------------------------------------------------------------------------- running
@@ -350,7 +387,7 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
 def _read(path: str, issues) -> np.ndarray | None:
     from maskx_jax.data.image_io import decode_image
 
-    return decode_image(path, os.path.basename(path), issues)
+    return decode_image(path, os.path.basename(path), issues, exif_transpose=True)
 
 
 def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh: float | None = None,
@@ -407,7 +444,8 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
                 valid = np.zeros_like(one.valid)
                 valid[0, keep[start:start + step]] = True
                 res += detections_to_coco(one.replace(valid=valid), np.array([ids[i]]), sizes[row:row + 1],
-                                          originals[row:row + 1], predictor.contiguous_to_cat_id, with_masks=True)
+                                          originals[row:row + 1], predictor.contiguous_to_cat_id,
+                                          with_masks=predictor.has_masks)
             assert len(res) == keep.size, (len(res), keep.size)  # one result per valid detection, in order
             results.extend(res)
             images_meta.append({"id": int(ids[i]), "file_name": os.path.abspath(paths[i]), "height": int(h),
@@ -416,7 +454,7 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
             boxes = np.array([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
                               for r in (res[j] for j in show)], np.float32).reshape(-1, 4)
             masks = None
-            if show:
+            if show and predictor.has_masks:
                 rles = [dict(res[j]["segmentation"], counts=res[j]["segmentation"]["counts"].encode("ascii"))
                         for j in show]
                 masks = np.transpose(mask_utils.decode(rles), (2, 0, 1)).astype(bool)
@@ -488,11 +526,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "from --min-size/--max-size); images are shrunk to fit")
     p.add_argument("--batch-size", type=int, default=None, help="images per predict call (default: device count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog = ("Any config key can be overridden as in train.py, e.g. --config.model.box_score_thresh=0.3 "
+                "(applied to --config's config, or to the work directory's).")
     return p
 
 
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) arguments apart from the others."""
+    rest, overrides, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            if not sep:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{arg}: no value")
+                value, i = argv[i + 1], i + 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        argv, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
     logging_std.basicConfig(level=logging_std.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging_std.INFO)
     # Grayscale / RGBA / palette inputs are converted as a matter of course here; unreadable files are
@@ -505,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = load_predictor(args.checkpoint, config_path=args.config, step=args.step,
                                    class_names_file=args.class_names, min_size=args.min_size,
                                    max_size=args.max_size, pad=args.pad, score_thresh=args.score_thresh,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, overrides=overrides)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -163,12 +163,13 @@ def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 # --------------------------------------------------------------------------- config checks
 
 
-def _flat_config(d: Mapping, prefix: str = "") -> dict[str, Any]:
+def flat_config(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict -> {"section.key": value}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flat_config(v, key + "."))
+            out.update(flat_config(v, key + "."))
         else:
             out[key] = v
     return out
@@ -188,7 +189,7 @@ def is_architecture_key(key: str) -> bool:
 
 def config_differences(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
     """[(dotted key, saved value, current value)] for every key that differs (absent = '<absent>')."""
-    a, b = _flat_config(saved), _flat_config(current)
+    a, b = flat_config(saved), flat_config(current)
     missing = "<absent>"
     return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
             if a.get(k, missing) != b.get(k, missing)]
@@ -608,7 +609,8 @@ def restore_state(manager: ocp.CheckpointManager, trainer: Trainer, step: int | 
     return manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state()))
 
 
-def _save(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
+def save_state(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
+    """Save ``state`` as checkpoint ``step`` (the loop's one save call: tests replace it to inject faults)."""
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
     # The save returns once the arrays are on the host; the next step may then donate (overwrite)
     # their device buffers. On CPU the "host copy" can alias the device buffer, so wait there.
@@ -902,7 +904,7 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
         if done % int(t.checkpoint_every) == 0 or done == total or stop:
             handle(pending)  # know this step's outcome before saving it
             pending = None
-            _save(manager, state, done)
+            save_state(manager, state, done)
         if stop and done < total:
             return state, skipped, True
     if pending is not None:

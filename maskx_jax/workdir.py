@@ -33,11 +33,11 @@ def config_from_saved(saved: Mapping) -> Any:
 
     Keys this version does not know are ignored (with a warning)."""
     from maskx_jax import config as config_lib
-    from maskx_jax.train_lib import _flat_config
+    from maskx_jax.train_lib import flat_config
 
     config = config_lib.base_config()
     unknown = []
-    for key, value in _flat_config(saved).items():
+    for key, value in flat_config(saved).items():
         *parents, leaf = key.split(".")
         node = config
         try:

@@ -104,7 +104,7 @@ def _install(spec: str) -> None:
     elif point == "after_save":
         from maskx_jax import train_lib
 
-        save = train_lib._save
+        save = train_lib.save_state
 
         def paused_save(manager, state, step):
             save(manager, state, step)
@@ -112,7 +112,7 @@ def _install(spec: str) -> None:
                 manager.wait_until_finished()
                 _pause(f"checkpoint {step} saved")
 
-        train_lib._save = paused_save
+        train_lib.save_state = paused_save
 
     elif point == "eval":
         from maskx_jax import train_lib

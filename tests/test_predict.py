@@ -191,7 +191,7 @@ def _make_workdir(tmp_path):
     train_lib.write_config(wd, cfg)
     trainer = train_lib.Trainer(cfg, info.num_classes)
     manager = train_lib.make_checkpoint_manager(wd, cfg)
-    train_lib._save(manager, trainer.init_state(), 0)
+    train_lib.save_state(manager, trainer.init_state(), 0)
     manager.wait_until_finished()
     manager.close()
     config_file = tmp_path / "tiny_config.py"
@@ -224,3 +224,74 @@ def test_workdir_cli(tmp_path):
     assert code == 1 and not (out3 / predict.RESULTS_FILE).exists()
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
         predict.load_predictor(wd, step=7)
+
+
+def test_exif_orientation_is_applied_to_photos(tmp_path):
+    """A phone photo stored sideways with EXIF Orientation 6 (rotate 90 degrees clockwise to view) is read the
+    way a viewer shows it, as PIL's exif_transpose gives it; training data keeps the stored pixels."""
+    from PIL import ImageOps
+
+    from maskx_jax.data.image_io import decode_image
+    from maskx_jax.data.issues import Issues
+
+    stored = np.zeros((30, 50, 3), np.uint8)
+    stored[:, :10] = (255, 0, 0)  # a red band on the stored image's left
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = str(tmp_path / "sideways.jpg")
+    img.save(path, exif=exif.tobytes(), quality=95)
+    issues = Issues()
+    upright = predict._read(path, issues)
+    assert upright.shape == (50, 30, 3)  # rotated: viewers show it 50 tall, 30 wide
+    np.testing.assert_array_equal(upright, np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")))
+    assert upright[:10, :, 0].mean() > 200 and upright[-10:, :, 0].mean() < 60  # the band is now at the top
+    assert issues.summary() == {"image_exif_rotated": 1}
+    assert decode_image(path, "x", Issues()).shape == (30, 50, 3)  # as stored (COCO's convention)
+
+
+def test_config_overrides(converted, tmp_path):
+    from maskx_jax import config as config_lib
+
+    c = config_lib.base_config()
+    config_lib.apply_overrides(c, [("model.box_score_thresh", "0.3"), ("model.aligned", "true"),
+                                   ("data.set_a", "voc"), ("model.anchor_sizes", "((8,), (16,), (32,), (64,), (128,))"),
+                                   ("train.steps", "7")])
+    assert (c.model.box_score_thresh, c.model.aligned, c.data.set_a, c.train.steps) == (0.3, True, "voc", 7)
+    assert c.model.anchor_sizes == ((8,), (16,), (32,), (64,), (128,))
+    with pytest.raises(ValueError, match="unknown config key 'model.no_such_key'"):
+        config_lib.apply_overrides(c, [("model.no_such_key", "1")])
+    with pytest.raises(ValueError, match="expected a int"):
+        config_lib.apply_overrides(c, [("train.steps", "1.5")])
+    # a converted checkpoint takes its inference settings from the command line; the architecture is its own
+    p = predict.load_predictor(converted, overrides=[("model.detections_per_img", "7")], min_size=64, max_size=64)
+    rng = np.random.default_rng(0)
+    det = p.predict_fn(rng.normal(size=(1, 64, 64, 3)).astype(np.float32), np.array([[64, 64]], np.int32))
+    assert np.asarray(det.boxes).shape == (1, 7, 4)
+    with pytest.raises(ValueError, match="inference settings only"):
+        predict.load_predictor(converted, overrides=[("model.fpn_channels", "16")])
+    _image_dir(tmp_path / "im")
+    assert predict.main(["--checkpoint", converted, "--images", str(tmp_path / "im"), "--output",
+                         str(tmp_path / "o"), "--config.model.detections_per_img=3", "--min-size", "64",
+                         "--max-size", "64", "--no-progress"]) == 0
+    results = json.load(open(tmp_path / "o" / predict.RESULTS_FILE))
+    assert max(np.unique([r["image_id"] for r in results], return_counts=True)[1], default=0) <= 3
+
+
+def test_package_version_and_console_scripts():
+    import importlib.metadata as md
+
+    import maskx_jax
+
+    assert maskx_jax.__version__ == md.version("maskx_jax")
+    scripts = {e.name: e.value for e in md.entry_points(group="console_scripts") if e.name.startswith("maskx-")}
+    assert scripts == {"maskx-train": "maskx_jax.train_cli:run", "maskx-predict": "maskx_jax.predict:main",
+                       "maskx-evaluate": "maskx_jax.evaluate_cli:main",
+                       "maskx-convert": "convert.from_torch:main", "maskx-export": "convert.to_torch:main",
+                       "maskx-transfer-experiment": "maskx_jax.transfer_experiment:main"}
+    for name in scripts:  # installed beside python, and each answers --help
+        exe = os.path.join(os.path.dirname(sys.executable), name)
+        proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        # absl (maskx-train) exits 1 after printing its usage; argparse exits 0
+        assert proc.returncode == (1 if name == "maskx-train" else 0), (name, proc.stderr[-2000:])
+        assert "usage" in (proc.stdout + proc.stderr).lower(), (name, proc.stdout[-2000:])

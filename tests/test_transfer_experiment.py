@@ -211,3 +211,29 @@ def test_trained_workdirs_export_to_torchvision(experiment, tmp_path):
         np.testing.assert_allclose(logits[:, c], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # --step names a checkpoint of the work directory: one it does not hold is an error
     assert to_torch.main(["--checkpoint", str(workdir), "--step", "1", "--output", str(tmp_path / "s1.pth")]) == 1
+
+
+def test_evaluate_any_checkpoint_reproduces_the_runs_metrics(experiment, tmp_path):
+    """``maskx-evaluate`` on a work directory and a COCO JSON gives the metrics the run itself wrote (same model,
+    images, split): the set A / set B split comes from the work directory's dataset."""
+    from maskx_jax import evaluate_cli
+
+    root, _ = experiment
+    workdir = root / "runs" / "seed0" / "transfer_mlp"
+    data = root / "runs" / "synthetic_data"
+    out = tmp_path / "metrics.json"
+    assert evaluate_cli.main(["--checkpoint", str(workdir), "--val-json", str(data / "val.json"), "--val-images",
+                              str(data / "images" / "val"), "--batch-size", "2", "--output", str(out),
+                              "--no-progress"]) == 0
+    got, want = json.load(open(out)), json.load(open(workdir / "metrics.json"))
+    assert set(got) == {"all", "set_a", "set_b"}
+    for group in got:
+        for iou_type in ("bbox", "segm"):
+            for k, v in want[group][iou_type].items():
+                assert got[group][iou_type][k] == pytest.approx(v, abs=1e-9), (group, iou_type, k)
+    # a box-only work directory: box AP only
+    det_out = tmp_path / "det.json"
+    assert evaluate_cli.main(["--checkpoint", str(root / "runs" / "seed0" / "detector"), "--val-json",
+                              str(data / "val.json"), "--val-images", str(data / "images" / "val"), "--output",
+                              str(det_out), "--no-progress"]) == 0
+    assert set(json.load(open(det_out))["all"]) == {"bbox"}

@@ -49,7 +49,7 @@ def _write_run(workdir, cfg, num_classes=NUM_CLASSES, step=2, with_config=True):
     trainer = train_lib.Trainer(cfg, num_classes)
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), trainer.abstract_state())
     manager = train_lib.make_checkpoint_manager(str(workdir), cfg)
-    train_lib._save(manager, state, step)
+    train_lib.save_state(manager, state, step)
     manager.wait_until_finished()
     manager.close()
     if with_config:

@@ -3,8 +3,10 @@
 Conversions are repairs and are counted (:mod:`maskx_jax.data.issues`): grayscale is
 replicated to RGB, alpha is dropped (not composited, as ``transform._to_rgb_float``),
 16-bit images are scaled to 8 bits (``round(v / 257)``, which maps 0..65535 onto 0..255),
-palette/CMYK/other modes go through PIL's ``convert('RGB')``. EXIF orientation is NOT
-applied: COCO annotations refer to the pixels as stored.
+palette/CMYK/other modes go through PIL's ``convert('RGB')``. EXIF orientation is not
+applied for training and evaluation (COCO annotations refer to the pixels as stored); prediction on
+photos asks for it (``exif_transpose=True``: the image the way a viewer shows it, counted as
+``image_exif_rotated``).
 
 A missing, truncated or corrupt file returns None after a counted warning; the caller
 decides what replaces it. PIL's global ``LOAD_TRUNCATED_IMAGES`` is left False, so a
@@ -20,7 +22,7 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from maskx_jax.data.issues import Issues
 
@@ -94,13 +96,15 @@ def _to_rgb_uint8(img: Image.Image, name: str, issues: Issues) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8)[:, :, :3])
 
 
-def decode_image(source: str | bytes, name: str, issues: Issues) -> np.ndarray | None:
+def decode_image(source: str | bytes, name: str, issues: Issues, *, exif_transpose: bool = False
+                 ) -> np.ndarray | None:
     """Decodes an image file (path) or encoded bytes to uint8 [H, W, 3] RGB.
 
     Args:
       source: a file path, or the encoded file's bytes.
       name: the record's name for warnings.
       issues: counter that receives conversions and failures.
+      exif_transpose: apply the EXIF orientation tag (a phone photo taken sideways comes out upright).
 
     Returns:
       uint8 [H, W, 3], or None (missing/unreadable/too large file, counted).
@@ -114,6 +118,9 @@ def decode_image(source: str | bytes, name: str, issues: Issues) -> np.ndarray |
                 issues.warn("image_too_large", name, _too_large_message(img.height, img.width))
                 return None
             img.load()  # forces the full decode: truncation/corruption raises here
+            if exif_transpose and img.getexif().get(0x0112, 1) not in (0, 1):  # 0x0112: Orientation
+                issues.warn("image_exif_rotated", name, f"EXIF orientation {img.getexif().get(0x0112)}")
+                img = ImageOps.exif_transpose(img)
             array = _to_rgb_uint8(img, name, issues)
     except Image.DecompressionBombError as e:  # over 2x the limit: PIL refuses to open it
         issues.warn("image_too_large", name, str(e))

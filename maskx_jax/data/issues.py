@@ -32,6 +32,7 @@ KINDS = {
     "image_rgba": "image with alpha: alpha dropped",
     "image_16bit": "16-bit image: scaled to 8 bits",
     "image_other_mode": "unusual pixel mode (palette, CMYK, float, ...): converted to RGB",
+    "image_exif_rotated": "EXIF orientation applied (prediction on photos only)",
     "image_duplicate_id": "duplicate image id: later record skipped",
     "image_malformed": "image record malformed (no id/file_name): skipped",
     "image_no_annotations": "training image with no usable non-crowd instance: skipped",
