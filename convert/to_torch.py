@@ -31,6 +31,7 @@ import numpy as np
 
 from convert.mapping import flax_to_torch
 from convert.torch_io import save_state_dict
+from maskx_jax import integrity
 from maskx_jax.checkpoint import detector_config_from_json, load_flat, read_meta
 from maskx_jax.detector import DetectorConfig
 
@@ -67,7 +68,8 @@ def detector_state_dict(flat: dict[tuple, np.ndarray], cfg: DetectorConfig) -> d
     return flax_to_torch(flat, fc6_chw=fc6_chw, mask_mlp_chw=(cfg.mask_head_channels, res, res))
 
 
-def export_state_dict(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def export_state_dict(directory: str, step: int | None = None, *, verify: bool = True
+                      ) -> tuple[dict[str, np.ndarray], dict]:
     """Read a converted checkpoint or a work directory; return (torchvision state dict, spec).
 
     spec: {"format", "kind" ('detector' | 'box_detector' | 'resnet'), "source", and for detectors
@@ -78,7 +80,7 @@ def export_state_dict(directory: str, step: int | None = None) -> tuple[dict[str
     if workdir_lib.find_workdir(directory) is not None:
         from maskx_jax.model_builder import detector_config
 
-        flat, found = workdir_lib.load_variables(directory, step)
+        flat, found = workdir_lib.load_variables(directory, step, verify=verify)
         config = workdir_lib.read_config(found["workdir"])
         cfg = detector_config(config, found["num_classes"])
         kind = "box_detector" if cfg.mask_mode == "none" else "detector"
@@ -88,7 +90,7 @@ def export_state_dict(directory: str, step: int | None = None) -> tuple[dict[str
         if step is not None:
             raise ValueError(f"--step applies to a training work directory; {directory} is a converted checkpoint")
         meta = read_meta(directory)
-        flat = load_flat(directory)
+        flat = load_flat(directory, verify=verify)
         kind = meta["kind"]
         if kind == "resnet":
             return flax_to_torch(flat), {"format": SPEC_FORMAT, "kind": kind, "source": meta.get("source", ""),
@@ -98,8 +100,10 @@ def export_state_dict(directory: str, step: int | None = None) -> tuple[dict[str
             cfg = dataclasses.replace(cfg, mask_mode="none", mlp_fusion=False)
         sizes = dict(min_size=800, max_size=1333)  # torchvision's defaults: a converted file does not say
         source = meta.get("source", "") or os.path.abspath(directory)
-    spec = {"format": SPEC_FORMAT, "kind": kind, "source": source, "detector": dataclasses.asdict(cfg), **sizes}
-    return detector_state_dict(flat, cfg), json.loads(json.dumps(spec))
+    state = detector_state_dict(flat, cfg)
+    spec = {"format": SPEC_FORMAT, "kind": kind, "source": source, "detector": dataclasses.asdict(cfg), **sizes,
+            integrity.KEY: integrity.digests(state)}
+    return state, json.loads(json.dumps(spec))
 
 
 def verify_in_torchvision(state: dict[str, np.ndarray], spec: dict[str, Any]) -> str:
@@ -151,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="a work directory's checkpoint (default: the latest)")
     p.add_argument("--output", required=True, help=".pth or .safetensors file to write (and <file>.json)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the result into torchvision")
+    p.add_argument("--skip-checksums", action="store_true",
+                   help="do not check the checkpoint against its saved content hashes (logged)")
     args = p.parse_args(argv)
     try:
-        state, spec = export_state_dict(args.checkpoint, args.step)
+        state, spec = export_state_dict(args.checkpoint, args.step, verify=not args.skip_checksums)
         checked = "not verified" if args.no_verify else verify_in_torchvision(state, spec)
         write_export(state, spec, args.output)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -133,9 +133,15 @@ def build_detector(cfg: Mapping[str, Any], *, min_size: int = 800, max_size: int
                     mask_head=MaskRCNNHeads(fpn, [mc] * 4, 1), mask_predictor=predictor, **common).eval()
 
 
-def load_exported(path: str) -> nn.Module:
-    """The model of a ``convert.to_torch`` export: built from ``<path>.json``, weights from ``path`` (strict)."""
+def load_exported(path: str, *, verify: bool = True) -> nn.Module:
+    """The model of a ``convert.to_torch`` export: built from ``<path>.json``, weights from ``path`` (strict),
+    each tensor first checked against the content hash the export recorded (``verify=False`` skips it, logged).
+
+    Raises:
+      maskx_jax.integrity.CorruptCheckpointError: a tensor of the file differs from what was exported, named.
+    """
     from convert.torch_io import load_state_dict
+    from maskx_jax import integrity
 
     spec_path = path + SPEC_SUFFIX
     if not os.path.isfile(spec_path):
@@ -144,6 +150,8 @@ def load_exported(path: str) -> nn.Module:
     with open(spec_path) as f:
         spec = json.load(f)
     model = build_detector(spec["detector"], min_size=int(spec["min_size"]), max_size=int(spec["max_size"]))
-    state = {k: torch.from_numpy(v.copy()) for k, v in load_state_dict(path).items()}
+    arrays = load_state_dict(path)
+    integrity.check(arrays, spec.get(integrity.KEY), path, verify=verify)
+    state = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     model.load_state_dict(state, strict=True)
     return model

@@ -142,6 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.init_checkpoint = ""  # converted torchvision checkpoint (detector, box-only detector or resnet backbone)
     # parts kept fixed: comma-separated backbone, rpn, box_head, mask_head, or detector (= the first three)
     t.freeze = ""
+    t.verify_checkpoints = True  # check every loaded checkpoint's content hashes (init, resume, eval); False skips it
     t.checkpoint_every = 5000  # save an orbax checkpoint every this many steps (and at the end)
     t.keep_checkpoints = 3  # checkpoints kept in WORKDIR/checkpoints
     t.log_every = 20  # TensorBoard scalars every this many steps

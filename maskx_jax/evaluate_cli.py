@@ -22,14 +22,15 @@ from typing import Sequence
 def evaluate_checkpoint(checkpoint: str, val_json: str, val_images: str, *, set_a: str | None = None,
                         config_path: str | None = None, step: int | None = None, min_size: int | None = None,
                         max_size: int | None = None, pad: tuple[int, int] | None = None, batch_size: int = 8,
-                        max_images: int = 0, output: str | None = None, progress: bool = True) -> dict:
+                        max_images: int = 0, output: str | None = None, progress: bool = True,
+                        verify: bool = True) -> dict:
     """The metrics dict of :func:`maskx_jax.evaluate.evaluate_model` (written to ``output`` when given)."""
     from maskx_jax import evaluate, predict
     from maskx_jax.config import base_config
     from maskx_jax.data import pipeline
 
     predictor = predict.load_predictor(checkpoint, config_path=config_path, step=step, min_size=min_size,
-                                       max_size=max_size, pad=pad)
+                                       max_size=max_size, pad=pad, verify=verify)
     c = base_config()
     d = c.data
     d.source = "coco"
@@ -74,13 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--output", default=None, help="metrics JSON to write")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-checksums", action="store_true", help="do not check the weights' content hashes (logged)")
     args = p.parse_args(argv)
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.val_json, args.val_images, set_a=args.set_a,
                                       config_path=args.config, step=args.step, min_size=args.min_size,
                                       max_size=args.max_size, pad=args.pad, batch_size=args.batch_size,
                                       max_images=args.max_images, output=args.output,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, verify=not args.skip_checksums)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

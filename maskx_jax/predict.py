@@ -218,14 +218,14 @@ def load_config_file(path: str):
     return module.get_config()
 
 
-def load_converted_detector(directory: str):
+def load_converted_detector(directory: str, *, verify: bool = True):
     """:func:`maskx_jax.checkpoint.load_detector`: the model built abstractly (``nnx.eval_shape``) and
     filled from the checkpoint, no random initialisation (about a second instead of ~25 s for an R-50
     on a CPU). Every variable must be in the checkpoint with its shape, and nothing else may be.
     """
     from maskx_jax import checkpoint as ckpt_lib
 
-    return ckpt_lib.load_detector(directory)
+    return ckpt_lib.load_detector(directory, verify=verify)
 
 
 def _dataset_info(config):
@@ -258,11 +258,12 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
                    class_names_file: str | None = None, min_size: int | None = None,
                    max_size: int | None = None, pad: tuple[int, int] | None = None,
                    score_thresh: float | None = None, batch_size: int | None = None,
-                   overrides: Sequence[tuple[str, str]] = ()) -> Predictor:
+                   overrides: Sequence[tuple[str, str]] = (), verify: bool = True) -> Predictor:
     """Load a converted checkpoint or a training work directory (see the module docstring).
 
     ``overrides``: ``[("section.key", "text")]`` from ``--config.section.key=text``, applied to the ``--config``
     file's config, else to the work directory's saved one (a converted checkpoint needs ``--config`` for them).
+    ``verify``: check the weights against the content hashes saved with them (``False`` skips it, logged).
     """
     import jax
 
@@ -294,7 +295,7 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
                              "train its mask branch first (train.init_checkpoint, README 'Stage-wise Mask^X')")
         if meta.get("kind") != "detector":
             raise ValueError(f"{checkpoint} holds a {meta.get('kind')!r} checkpoint (a backbone), not a detector")
-        model = load_converted_detector(checkpoint)
+        model = load_converted_detector(checkpoint, verify=verify)
         changes = _inference_overrides(model.cfg, overrides)
         if changes:  # --config.model.box_score_thresh=... and the like: the architecture stays the checkpoint's
             model.cfg = dataclasses.replace(model.cfg, **changes)
@@ -342,7 +343,7 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
                 log.warning("the dataset has %d classes, the checkpoint %d: not using its names",
                             info.num_classes - 1, num_classes - 1)
             trainer = train_lib.Trainer(config, num_classes)
-            state = train_lib.restore_state(manager, trainer, step)
+            state = train_lib.restore_state(manager, trainer, step, verify=verify)
         finally:
             manager.close()
         predict_fn = trainer.make_predict_fn(state)
@@ -526,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from --min-size/--max-size); images are shrunk to fit")
     p.add_argument("--batch-size", type=int, default=None, help="images per predict call (default: device count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-checksums", action="store_true",
+                   help="do not check the weights against their saved content hashes (logged)")
     p.epilog = ("Any config key can be overridden as in train.py, e.g. --config.model.box_score_thresh=0.3 "
                 "(applied to --config's config, or to the work directory's).")
     return p
@@ -569,8 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = load_predictor(args.checkpoint, config_path=args.config, step=args.step,
                                    class_names_file=args.class_names, min_size=args.min_size,
                                    max_size=args.max_size, pad=args.pad, score_thresh=args.score_thresh,
-                                   batch_size=args.batch_size, overrides=overrides)
-    except (FileNotFoundError, ValueError) as e:
+                                   batch_size=args.batch_size, overrides=overrides, verify=not args.skip_checksums)
+    except (FileNotFoundError, ValueError) as e:  # integrity.CorruptCheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     log.info("%s; %d image(s), canvas %dx%d (min_size %d, max_size %d), batch %d, drawing scores >= %.2f",

@@ -51,6 +51,7 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maskx_jax import integrity
 from maskx_jax.optim import (is_frozen, make_optimizer, make_schedule, parse_freeze, skipped_losses,
                             trainable_filter)
 from maskx_jax.state_utils import variable_path
@@ -62,6 +63,7 @@ ModelFn = Callable[[ml_collections.ConfigDict, int, int], nnx.Module]
 DATA_AXIS = "data"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"  # checkpoints that failed verification on resume, moved aside
 TB_DIR = "tb"
 METRICS_FILE = "metrics.json"
 PICTURES_DIR = "pictures"
@@ -251,7 +253,7 @@ def check_scaling(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 # Keys the host loop reads on every call; everything else is baked into a Trainer's compiled step.
 LOOP_ONLY_KEYS = frozenset({"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                            "train.init_checkpoint"})
+                            "train.init_checkpoint", "train.verify_checkpoints"})
 
 
 def check_trainer_config(trainer: "Trainer", config: ml_collections.ConfigDict) -> None:
@@ -378,6 +380,7 @@ class Trainer:
         check_scaling(config, self.mesh)
         t = config.train
         self.freeze = str(t.get("freeze", ""))
+        self.verify_checkpoints = bool(t.get("verify_checkpoints", True))
         self.tx = make_optimizer(t)
         self.schedule = make_schedule(t)
         self.replicated = NamedSharding(self.mesh, P())
@@ -454,7 +457,7 @@ class Trainer:
         from maskx_jax.checkpoint import load_flat, read_meta
 
         if workdir_lib.find_workdir(directory) is not None:
-            flat, found = workdir_lib.load_variables(directory)
+            flat, found = workdir_lib.load_variables(directory, verify=self.verify_checkpoints)
             kind = "workdir"
             source = f"{found['workdir']} step {found['step']} (mask_mode={found['mask_mode']})"
         else:
@@ -464,7 +467,7 @@ class Trainer:
                 raise ValueError(f"{directory}: unknown checkpoint kind {kind!r} "
                                  f"(expected 'detector', 'box_detector' or 'resnet')")
             prefix = ("backbone", "body") if kind == "resnet" else ()
-            flat = {prefix + tuple(p): a for p, a in load_flat(directory).items()}
+            flat = {prefix + tuple(p): a for p, a in load_flat(directory, verify=self.verify_checkpoints).items()}
             source = meta.get("source", "")
         report = {"checkpoint": os.path.abspath(directory), "kind": kind, "source": source,
                   "loaded": [], "not_loaded": [], "unused": [], "shape_mismatch": [], "frozen_not_loaded": []}
@@ -548,8 +551,8 @@ def make_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple]:
-    """{'params.rpn.head.conv.kernel': shape} for every array leaf (attribute, dict and list keys alike)."""
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    """{'params.rpn.head.conv.kernel': leaf} for every array leaf (attribute, dict and list keys alike)."""
     def name(k) -> str:
         for attr in ("name", "key", "idx"):
             if hasattr(k, attr):
@@ -560,8 +563,24 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if hasattr(leaf, "shape"):
             key = ".".join(name(k) for k in path)
-            out[key[:-len(".value")] if key.endswith(".value") else key] = tuple(leaf.shape)
+            out[key[:-len(".value")] if key.endswith(".value") else key] = leaf
     return out
+
+
+def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
+    """``_named_leaves`` of ``tree`` as host arrays. The train state is replicated: on several hosts a process
+    holds the whole value of every leaf in its own devices' copy, which is what it reads (no cross-host fetch)."""
+    def host(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(leaf.addressable_data(0))
+        return np.asarray(jax.device_get(leaf))
+
+    return {k: host(leaf) for k, leaf in _named_leaves(tree).items()}
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """{'params.rpn.head.conv.kernel': shape} for every array leaf."""
+    return {k: tuple(leaf.shape) for k, leaf in _named_leaves(tree).items()}
 
 
 def check_checkpoint_fits(manager: ocp.CheckpointManager, trainer: Trainer, step: int, max_lines: int = 15) -> None:
@@ -603,19 +622,67 @@ def check_checkpoint_fits(manager: ocp.CheckpointManager, trainer: Trainer, step
               "or a new --workdir.")
 
 
-def restore_state(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None = None) -> TrainState:
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (no space left, no permission, ...); the previous checkpoints are untouched."""
+
+
+def recorded_digests(manager: ocp.CheckpointManager, step: int) -> dict[str, str] | None:
+    """The content hashes saved with checkpoint ``step`` (None: written before hashes were recorded)."""
+    absl_logger = logging_std.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging_std.ERROR)  # orbax warns that it cannot restore items it was not asked to
+    try:
+        custom = manager.metadata(step).custom_metadata or {}
+    except Exception:  # noqa: BLE001 - unreadable metadata: nothing recorded to check against
+        custom = {}
+    finally:
+        absl_logger.setLevel(level)
+    return custom.get(integrity.KEY)
+
+
+def restore_state(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None = None, *,
+                  verify: bool = True) -> TrainState:
+    """Checkpoint ``step`` (default the latest), checked against the model first and against its recorded
+    content hashes after reading, before anything uses it.
+
+    Raises:
+      ConfigMismatchError: the checkpoint was written for another model.
+      integrity.CorruptCheckpointError: an array differs from what was saved or cannot be read, named.
+    """
     step = manager.latest_step() if step is None else step
     check_checkpoint_fits(manager, trainer, step)
-    return manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state()))
+    where = os.path.join(str(manager.directory), str(step))
+    try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state()))
+    except Exception as e:  # noqa: BLE001 - orbax re-raises tensorstore's read errors as a bare Exception
+        raise integrity.read_error(e, where) from None
+    if verify:
+        integrity.check(_host_arrays(state), recorded_digests(manager, step), where)
+    else:
+        integrity.check({}, None, where, verify=False)
+    return state
 
 
 def save_state(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
-    """Save ``state`` as checkpoint ``step`` (the loop's one save call: tests replace it to inject faults)."""
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    # The save returns once the arrays are on the host; the next step may then donate (overwrite)
-    # their device buffers. On CPU the "host copy" can alias the device buffer, so wait there.
-    if jax.default_backend() == "cpu":
-        manager.wait_until_finished()
+    """Save ``state`` as checkpoint ``step``, with every array's content hash in the same atomic write (the
+    loop's one save call: tests replace it to inject faults).
+
+    Raises:
+      CheckpointSaveError: the write failed; the checkpoints saved before it are intact.
+    """
+    digests = integrity.digests(_host_arrays(state))
+    try:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata={integrity.KEY: digests})
+        # The save returns once the arrays are on the host; the next step may then donate (overwrite)
+        # their device buffers. On CPU the "host copy" can alias the device buffer, so wait there.
+        if jax.default_backend() == "cpu":
+            manager.wait_until_finished()
+    except OSError as e:
+        previous = [s for s in manager.all_steps() if s != step]
+        kept = f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointSaveError(
+            f"could not write checkpoint {step} to {manager.directory}: {e}. Nothing of it is used; {kept}. "
+            f"Free space or fix the folder's permissions, then run the same command again to resume.") from e
 
 
 # --------------------------------------------------------------------------- logging
@@ -793,7 +860,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
         check_trainer_config(trainer, config)
 
     if latest is not None:
-        state = restore_state(manager, trainer, latest)
+        manager, state, latest = _restore_intact(manager, trainer, workdir, config)
         logging.info("resumed from %s at step %d", os.path.join(workdir, CHECKPOINT_DIR, str(latest)), latest)
     else:
         state = trainer.init_state()
@@ -850,6 +917,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
         result.metrics = evaluate(config, workdir, trainer=trainer, state=state, step=result.step, info=info,
                                   progress=progress)
     return result
+
+
+def _restore_intact(manager: ocp.CheckpointManager, trainer: Trainer, workdir: str, config: ml_collections.ConfigDict
+                    ) -> tuple[ocp.CheckpointManager, TrainState, int]:
+    """The newest checkpoint that verifies, newest first; each damaged one is said, and moved to
+    ``WORKDIR/damaged_checkpoints/`` (kept for inspection, out of the way of the steps that will be saved
+    again). Returns the (reopened) manager, the state and its step.
+
+    Raises:
+      integrity.CorruptCheckpointError: no checkpoint is intact (training never continues from a damaged one).
+    """
+    verify = bool(config.train.get("verify_checkpoints", True))
+    moved = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager, restore_state(manager, trainer, step, verify=verify), step
+        except integrity.CorruptCheckpointError as e:
+            logging.error("%s", e)
+            target = os.path.join(workdir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.rename(os.path.join(str(manager.directory), str(step)), target)
+            if jax.process_count() > 1:  # every process sees the move before it lists the steps again
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"maskx_jax moved damaged checkpoint {step}")
+            moved.append(target)
+            logging.warning("checkpoint %d is damaged: moved to %s; trying the one before it", step, target)
+            manager.close()
+            manager = make_checkpoint_manager(workdir, config, cleanup_tmp=True)
+    raise integrity.CorruptCheckpointError(
+        f"no intact checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: every one was damaged (moved to "
+        f"{', '.join(moved)}). Training does not continue from a damaged state; start again in a new work "
+        f"directory (or from train.init_checkpoint).")
 
 
 def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], start: int, total: int,
@@ -992,7 +1093,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
         if latest is None:
             manager.close()
             raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} to evaluate")
-        state = restore_state(manager, trainer, latest)
+        state = restore_state(manager, trainer, latest, verify=bool(config.train.get("verify_checkpoints", True)))
         manager.close()
         logging.info("evaluating %s", os.path.join(workdir, CHECKPOINT_DIR, str(latest)))
         step = latest

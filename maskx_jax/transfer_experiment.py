@@ -149,7 +149,8 @@ def run_once(config, workdir: str, split_set_a: str, *, progress: bool = True) -
     if os.path.isfile(path):
         with open(os.path.join(workdir, train_lib.CONFIG_FILE)) as f:
             saved = json.load(f)
-        changed = train_lib.config_differences(saved, train_lib.config_to_json_dict(config))
+        changed = [d for d in train_lib.config_differences(saved, train_lib.config_to_json_dict(config))
+                   if not (d[1] == "<absent>" and d[2] == _default(d[0]))]  # a key added since, at its default
         if changed:
             raise ValueError(f"{workdir} holds a finished run with other settings; use another --workdir (or "
                              f"delete it to run again):\n{train_lib.format_differences(changed)}")
@@ -173,6 +174,14 @@ def run_once(config, workdir: str, split_set_a: str, *, progress: bool = True) -
     }
     _write_json(path, record)
     return record
+
+
+def _default(key: str) -> Any:
+    """``base_config()``'s value of a dotted key, as JSON (``'<none>'`` for a key it does not have)."""
+    from maskx_jax import config as config_lib
+    from maskx_jax import train_lib
+
+    return train_lib.flat_config(train_lib.config_to_json_dict(config_lib.base_config())).get(key, "<none>")
 
 
 def _commit() -> str:

@@ -94,12 +94,13 @@ def num_classes_in_checkpoint(step_dir: str) -> int:
     return int(node.shape[0])
 
 
-def load_variables(path: str, step: int | None = None) -> tuple[dict[tuple, np.ndarray], dict]:
+def load_variables(path: str, step: int | None = None, *, verify: bool = True) -> tuple[dict[tuple, np.ndarray], dict]:
     """Every model variable of a work directory's checkpoint, by NNX path, as host arrays.
 
     Args:
       path: a work directory or ``WORKDIR/checkpoints/<step>``.
       step: the checkpoint to read (default: the one ``path`` names, else the latest).
+      verify: check the arrays against the content hashes saved with them (``False``: skipped, logged).
     Returns:
       ({path: array} of the trainable and the fixed variables alike (no optimiser state),
       {"workdir", "step", "mask_mode", "num_classes"}).
@@ -128,7 +129,7 @@ def load_variables(path: str, step: int | None = None) -> tuple[dict[tuple, np.n
             raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (steps: {sorted(steps)})")
         num_classes = num_classes_in_checkpoint(os.path.join(workdir, train_lib.CHECKPOINT_DIR, str(step)))
         trainer = train_lib.Trainer(config, num_classes)
-        state = train_lib.restore_state(manager, trainer, step)
+        state = train_lib.restore_state(manager, trainer, step, verify=verify)
     finally:
         manager.close()
     flat: dict[tuple, np.ndarray] = {}
