@@ -157,6 +157,7 @@ def run_once(config, workdir: str, split_set_a: str, *, progress: bool = True) -
         with open(path) as f:
             return json.load(f)
     validate(config)
+    commit = _commit()  # the code this run trains with
     start = time.time()
     result = train_lib.train(config, workdir, evaluate_at_end=False, progress=progress)
     if result.preempted:
@@ -171,6 +172,7 @@ def run_once(config, workdir: str, split_set_a: str, *, progress: bool = True) -
         "set_b_mask_ap50": _ap(metrics, "set_b", "segm", "AP50"),
         "set_b_box_ap": _ap(metrics, "set_b", "bbox"), "set_a_box_ap": _ap(metrics, "set_a", "bbox"),
         "seconds_per_step": result.seconds_per_step, "steps": result.step, "wall_seconds": time.time() - start,
+        "commit": commit,
     }
     _write_json(path, record)
     return record
@@ -205,7 +207,9 @@ def collect(protocol: Protocol, done: Mapping[int, Mapping[str, dict]], base) ->
         "dataset": (f"built-in synthetic {d.synthetic_variant} ({d.synthetic_num_train} train / {d.synthetic_num_val} "
                     f"val images, {d.synthetic_image_size}x{d.synthetic_image_size}), set A = {d.set_a}"),
         "config": os.path.relpath(protocol.config_path),
-        "commit": _commit(),
+        "commit": _commit(),  # of the code that collected the results
+        # of the code each run trained with ("not recorded": runs made before this field existed)
+        "run_commits": sorted({str(r.get("commit", "not recorded")) for s in seeds for r in done[s].values()}),
         "seeds": seeds,
         "complete": len(seeds) == len(protocol.seeds),
         "protocol": {"detector_steps": protocol.detector_steps, "mask_steps": protocol.mask_steps,

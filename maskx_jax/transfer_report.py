@@ -75,6 +75,26 @@ def summarize(results: Mapping) -> dict:
     return out
 
 
+# The issue's target for Mask^X (transfer_mlp) against the class-agnostic head, on set-B mask AP.
+TARGET_T = 2.0  # the paired difference, in standard errors
+TARGET_SHARE = 0.30  # the share of the oracle gap closed (the paper closes roughly a third on COCO)
+
+
+def verdict(results: Mapping, arm: str = "transfer_mlp") -> str:
+    """One sentence: does ``arm`` beat the class-agnostic head on set B by the target (> 2 SE of the paired
+    difference and >= 30% of the oracle gap)? Numbers from :func:`summarize`."""
+    row = summarize(results)["arms"].get(arm) or {}
+    diff, share = row.get("vs_baseline"), row.get("gap_share")
+    if not diff or share is None:
+        return f"{arm}: not enough seeds or arms for a verdict."
+    t = diff["t"]
+    reached = math.isfinite(t) and t > TARGET_T and share >= TARGET_SHARE
+    return (f"{ARM_TITLES.get(arm, arm)} vs the class-agnostic head, set-B mask AP: {diff['mean']:+.1f} ± "
+            f"{diff['se']:.1f} AP ({t:.1f} standard errors of the paired difference), {100 * share:.0f}% of the "
+            f"oracle gap closed: the target (> {TARGET_T:g} standard errors and >= {100 * TARGET_SHARE:.0f}%) is "
+            f"{'reached' if reached else 'not reached'}.")
+
+
 def _pm(stat: Mapping | None, digits: int = 1) -> str:
     if not stat:
         return "n/a"
@@ -133,6 +153,8 @@ def markdown(results: Mapping) -> str:
             lines.append(f"| {ARM_TITLES.get(name, name)} | {_pm(_stat(values, 'set_b_mask_ap'))} | {diff} | "
                          f"{_pm(_stat(values, 'set_a_mask_ap'))} | {_pm(_stat(values, 'set_b_box_ap'))} | "
                          f"{_seconds(values.get('seconds_per_step'))} |")
+    if len(results.get("seeds", [])) > 1 and "transfer_mlp" in results["arms"]:
+        lines += ["", "**" + verdict(results) + "**"]
     head = s.get("headroom")
     if head:
         lines += ["", f"Headroom (oracle - class-agnostic, set-B mask AP, paired): {_diff(head)} AP "
@@ -162,8 +184,8 @@ def bar_chart(results: Mapping, path: str, *, width: int = 760, height: int = 42
     top_value = max([max(v) for _, v, _ in bars if v] + [1.0]) * 1.15
     scale = (height - top - bottom) / top_value
     y0 = height - bottom
-    draw.text((left, 12), "set-B mask AP (%) on the built-in shapes24 data: mean over seeds, bar = std, "
-              "dots = seeds", fill="black")
+    dataset = str(results.get("dataset", "")).split(" (")[0] or "the data"
+    draw.text((left, 12), f"set-B mask AP (%), {dataset}: mean over seeds, bar = std, dots = seeds", fill="black")
     draw.line([(left, top), (left, y0), (width - right, y0)], fill="black")
     step = 10 ** math.floor(math.log10(top_value)) if top_value > 0 else 1
     if top_value / step < 4:
@@ -206,3 +228,48 @@ def _wrap(text: str, width: int) -> list[str]:
         else:
             line = f"{line} {word}".strip()
     return lines + ([line] if line else [])
+
+
+def readme_block(results: Mapping, marker: str) -> str:
+    """The README's block for one results file: ``<!-- transfer:MARKER -->`` ... ``<!-- /transfer:MARKER -->``."""
+    return f"<!-- transfer:{marker} -->\n{markdown(results)}<!-- /transfer:{marker} -->"
+
+
+def replace_block(text: str, results: Mapping, marker: str) -> str:
+    """``text`` with its ``marker`` block regenerated from ``results`` (ValueError when it has none)."""
+    start, end = f"<!-- transfer:{marker} -->", f"<!-- /transfer:{marker} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"no {start} ... {end} block to replace")
+    a, b = text.index(start), text.index(end) + len(end)
+    return text[:a] + readme_block(results, marker) + text[b:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m maskx_jax.transfer_report RESULTS.json [--readme README.md --marker NAME] [--chart PNG]``:
+    print the tables, regenerate the README block and the chart from a committed results file."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m maskx_jax.transfer_report", description=main.__doc__.split("\n")[0])
+    p.add_argument("results")
+    p.add_argument("--readme", default="")
+    p.add_argument("--marker", default="")
+    p.add_argument("--chart", default="")
+    args = p.parse_args(argv)
+    with open(args.results) as f:
+        results = json.load(f)
+    print(markdown(results))
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        with open(args.readme, "w") as f:
+            f.write(replace_block(text, results, args.marker))
+    if args.chart:
+        bar_chart(results, args.chart)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -23,3 +23,24 @@ def test_every_config_key_is_documented():
 def test_readme_shows_the_two_commands():
     text = open(README).read()
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_transfer_results_are_the_committed_files():
+    """The README's tables of the transfer experiment are regenerated from the committed results files
+    (``python -m maskx_jax.transfer_report FILE --readme README.md --marker NAME``), so they cannot drift."""
+    import json
+
+    from maskx_jax import transfer_report
+
+    text = open(README).read()
+    results_dir = os.path.join(os.path.dirname(README), "benchmarks", "results")
+    shown = 0
+    for marker, name in (("shapes10", "transfer.json"), ("shapes24", "transfer_shapes24.json")):
+        path = os.path.join(results_dir, name)
+        has_block = f"<!-- transfer:{marker} -->" in text
+        assert has_block == os.path.isfile(path), (marker, "README block and results file must come together")
+        if has_block:
+            results = json.load(open(path))
+            assert transfer_report.readme_block(results, marker) in text, f"README {marker} block is stale"
+            shown += 1
+    assert shown >= 1  # the primary result is always shown
