@@ -27,9 +27,6 @@ SET_A = ",".join(n for n in CLASS_NAMES_24 if n not in SET_B)  # the other 16
 DETECTOR_STEPS = 2000  # stage 1 and the end-to-end runs: 8000 images, ~5 epochs of the 1500
 MASK_STEPS = 800  # stage 2: the mask branch on the frozen detector
 SEEDS = (0, 1, 2)
-# ``make demo``: seed 0, three arms (class_agnostic, transfer_mlp, oracle) on a shorter schedule (~10 min).
-DEMO_DETECTOR_STEPS = 1000
-DEMO_MASK_STEPS = 400
 
 
 def get_config():

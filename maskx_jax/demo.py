@@ -1,4 +1,4 @@
-"""``make demo``: does Mask^X transfer? The controlled comparison on the built-in ``shapes24`` data, one seed.
+"""``make demo``: does Mask^X transfer? The controlled comparison on the built-in ``shapes10`` data, one seed.
 
     python -m maskx_jax.demo --workdir runs/demo [--detector-steps N] [--mask-steps M] [--set SECTION.KEY=VALUE]
 
@@ -46,14 +46,14 @@ def results_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_module = importlib.import_module("configs.transfer_synthetic")
+    config_module = importlib.import_module("configs.transfer_shapes10")
     p = argparse.ArgumentParser(prog="python -m maskx_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--detector-steps", type=int, default=config_module.DEMO_DETECTOR_STEPS)
     p.add_argument("--mask-steps", type=int, default=config_module.DEMO_MASK_STEPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", type=parse_override, default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a key of configs/transfer_synthetic.py (repeatable)")
+                   help="override a key of configs/transfer_shapes10.py (repeatable)")
     args = p.parse_args(argv)
 
     from absl import logging as absl_logging
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     results = run_experiment(protocol, workdir, os.path.join(workdir, "results.json"))
     seed_dir = os.path.join(workdir, f"seed{args.seed}")
-    text = (f"Built-in synthetic shapes24 (24 classes; set B, boxes only in training: "
+    text = (f"Built-in synthetic shapes10 (10 classes; set B, boxes only in training: "
             f"{', '.join(config_module.SET_B)}). One detector ({args.detector_steps} steps), frozen; each mask "
             f"branch {args.mask_steps} steps on it; seed {args.seed}; {(time.time() - start) / 60:.1f} min.\n\n"
             f"{results_table(results)}\n\n"

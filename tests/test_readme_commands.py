@@ -51,10 +51,13 @@ COVERED_ELSEWHERE: dict[str, str] = {
     "make demo": "the demo itself: ~15 min of both cores (python -m maskx_jax.demo: one detector and three mask "
                  "branches on configs/transfer_synthetic.py); tests/test_transfer_experiment.py runs the same "
                  "driver for real at toy size (two seeds, every arm) and the demo's table on its first seed.",
-    "python -m maskx_jax.transfer_experiment --config configs/transfer_synthetic.py --workdir runs/transfer "
+    "python -m maskx_jax.transfer_experiment --config configs/transfer_shapes10.py --workdir runs/transfer_shapes10 "
     "--output benchmarks/results/transfer.json --chart docs/transfer.png":
         "the multi-seed experiment: ~2.5 h of both cores; tests/test_transfer_experiment.py runs the same command "
         "(main()) at toy size: two seeds, every arm, tables and chart.",
+    "python -m maskx_jax.transfer_experiment --config configs/transfer_synthetic.py --workdir runs/transfer_shapes24 "
+    "--output benchmarks/results/transfer_shapes24.json --chart docs/transfer_shapes24.png":
+        "the same experiment on shapes24: ~3 h of both cores; the driver is tested at toy size (see above).",
     "make test": "runs the test suite, this file included (python -m pytest -q -n 2 --dist loadfile tests after the "
                  "venv install, "
                  "which needs the network or a wheel cache).",

@@ -17,7 +17,7 @@ from maskx_jax import transfer_report, workdir as workdir_lib
 from maskx_jax.transfer_experiment import ARMS, Protocol, main as experiment_main, run_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "transfer_synthetic.py")
+CONFIG = os.path.join(ROOT, "configs", "transfer_shapes10.py")  # what make demo runs too
 # A toy-sized model and data on top of the experiment's config (the schedule comes from the protocol).
 TOY = (("model.fpn_channels", 16), ("model.representation", 32), ("model.mask_head_channels", 8),
        ("model.transfer_hidden", 8), ("model.rpn_pre_nms_top_n_train", 100), ("model.rpn_post_nms_top_n_train", 50),
@@ -155,7 +155,7 @@ def test_demo_shows_the_controlled_comparison(experiment, capsys):
     nothing is trained again) it writes its table with one row per arm and points at the pictures."""
     root, results = experiment
     if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)  # the demo imports configs.transfer_synthetic
+        sys.path.insert(0, ROOT)  # the demo imports configs.transfer_shapes10
     from maskx_jax import demo
 
     workdir = root / "runs"
