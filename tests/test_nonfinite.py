@@ -34,7 +34,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     out = proc.stdout
     assert proc.returncode == 1, out[-4000:]
     assert "Traceback" not in out
-    errors = [line for line in out.splitlines() if line.startswith("E") and "train.py" in line]
+    errors = [line for line in out.splitlines() if line.startswith("E") and "train_cli.py" in line]
     assert len(errors) == 1, errors
     assert re.search(r"non-finite loss at step 3 \(the step after 3 completed steps; total=nan", errors[0]), errors[0]
     assert "the latest checkpoint is step 2" in errors[0] and "train.on_nonfinite='skip'" in errors[0]
