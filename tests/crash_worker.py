@@ -102,9 +102,9 @@ def _install(spec: str) -> None:
         cls.create, cls.finalize = paused_create, paused_finalize
 
     elif point == "after_save":
-        from maskx_jax import train_lib
+        from maskx_jax.train import checkpointing
 
-        save = train_lib.save_state
+        save = checkpointing.save_state
 
         def paused_save(manager, state, step):
             save(manager, state, step)
@@ -112,7 +112,7 @@ def _install(spec: str) -> None:
                 manager.wait_until_finished()
                 _pause(f"checkpoint {step} saved")
 
-        train_lib.save_state = paused_save
+        checkpointing.save_state = paused_save  # the loop calls it through the module
 
     elif point == "eval":
         from maskx_jax import train_lib

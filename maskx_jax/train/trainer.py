@@ -1,0 +1,147 @@
+"""The compiled pieces of one experiment on one mesh: init, train step and predict, with explicit shardings.
+
+The train state is replicated over the mesh's ``data`` axis (an ``fsdp`` axis would only change
+:meth:`Trainer._state_shardings`); batches are sharded on their leading axis. Each process loads its own
+``1/process_count`` slice of the global batch and :func:`jax.make_array_from_process_local_data` assembles it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maskx_jax.optim import make_optimizer, make_schedule, skipped_losses, trainable_filter
+from maskx_jax.train.config_checks import check_scaling
+from maskx_jax.train.distributed import DATA_AXIS, create_mesh
+from maskx_jax.train.step import TrainState, make_train_step
+from maskx_jax.types import Batch, Detections
+
+ModelFn = Callable[[ml_collections.ConfigDict, int, int], nnx.Module]
+
+
+def _default_model_fn(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> nnx.Module:
+    from maskx_jax.model_builder import build_model
+
+    return build_model(config, num_classes, seed=seed)
+
+
+class Trainer:
+    """The compiled pieces of one experiment on one mesh: init, train step and predict.
+
+    Args:
+      config: the full config (``model``, ``train`` sections are read).
+      num_classes: number of classes including the background.
+      model_fn: ``(config, num_classes, seed) -> nnx.Module`` with ``losses(batch, rng)`` and
+        ``predict(images, image_sizes)``; defaults to ``model_builder.build_model``.
+      mesh: defaults to :func:`create_mesh` over every device.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, *, model_fn: ModelFn | None = None,
+                 mesh: Mesh | None = None):
+        self.config = config
+        self.num_classes = num_classes
+        self.model_fn = model_fn or _default_model_fn
+        self.mesh = mesh or create_mesh()
+        check_scaling(config, self.mesh)
+        t = config.train
+        self.freeze = str(t.get("freeze", ""))
+        self.verify_checkpoints = bool(t.get("verify_checkpoints", True))
+        self.tx = make_optimizer(t)
+        self.schedule = make_schedule(t)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+
+        graphdefs = []
+
+        def init() -> TrainState:
+            model = self.model_fn(config, num_classes, int(t.seed))
+            # Frozen parts go to ``rest``: the step differentiates only ``params``, so JAX computes no
+            # backward pass into them and the optimiser holds no state (and applies no decay) for them.
+            graphdef, params, rest = nnx.split(model, trainable_filter(self.freeze), ...)
+            graphdefs.append(graphdef)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rest=rest,
+                              skipped=jnp.zeros((), jnp.int32), halted_at=jnp.full((), -1, jnp.int32))
+
+        # Trace once without computing anything: shapes for the shardings and the graph definition.
+        shapes = jax.eval_shape(init)
+        self.graphdef = graphdefs[-1]
+        self.state_shardings = self._state_shardings(shapes)
+        self._abstract_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings)
+        # Parameters are created directly with their sharding (no host copy, no device-0 detour).
+        self._init = jax.jit(init, out_shardings=self.state_shardings)
+        self.skip_losses = skipped_losses(self.freeze)
+        step_fn = make_train_step(self.graphdef, self.tx, self.schedule, int(t.seed), t.on_nonfinite,
+                                  self.skip_losses)
+        self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+        graphdef = self.graphdef
+
+        def predict(params, rest, images, image_sizes) -> Detections:
+            return nnx.merge(graphdef, params, rest).predict(images, image_sizes)
+
+        self._predict = jax.jit(predict)
+
+    def _state_shardings(self, shapes: TrainState) -> TrainState:
+        """Everything replicated; the place to add an ``fsdp`` axis (shard large params and their opt state)."""
+        return jax.tree.map(lambda _: self.replicated, shapes)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+        return self._abstract_state
+
+    def init_state(self) -> TrainState:
+        return self._init()
+
+    def global_batch(self, local: Batch) -> Batch:
+        """Process-local NumPy batch (``batch_size / process_count`` images) -> global sharded arrays."""
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)), local)
+
+    def param_count(self, state: TrainState) -> tuple[int, int]:
+        """(trainable, frozen) scalar counts."""
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+        return count(state.params), count(state.rest)
+    # ----------------------------------------------------------------------- init checkpoint
+
+    def load_init_checkpoint(self, state: TrainState, directory: str) -> tuple[TrainState, dict]:
+        """:func:`maskx_jax.train.init_checkpoint.load_init_checkpoint` into this trainer's state."""
+        from maskx_jax.train.init_checkpoint import load_init_checkpoint
+
+        return load_init_checkpoint(self, state, directory)
+
+    # ----------------------------------------------------------------------- inference
+
+    def make_predict_fn(self, state: TrainState) -> Callable[[Any, Any], Detections]:
+        """``(images [B, H, W, 3], image_sizes [B, 2]) -> host NumPy Detections`` with ``state``'s weights.
+
+        Every process passes the *whole* evaluation batch; it is sharded over the mesh when B divides
+        evenly, replicated otherwise, and every process gets the whole result back.
+        """
+        params, rest = state.params, state.rest
+        warned = []
+
+        def predict(images, image_sizes) -> Detections:
+            images = np.asarray(images, np.float32)
+            image_sizes = np.asarray(image_sizes, np.int32)
+            sharding = self.batch_sharding if images.shape[0] % self.mesh.size == 0 else self.replicated
+            if sharding is self.replicated and self.mesh.size > 1 and not warned:
+                warned.append(True)
+                logging.warning("eval batch of %d images does not split over %d devices: every device runs the whole "
+                                "batch (set eval.batch_size to a multiple of the device count)", images.shape[0],
+                                self.mesh.size)
+            put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+            det = self._predict(params, rest, put(images), put(image_sizes))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                return multihost_utils.process_allgather(det, tiled=True)
+            return jax.device_get(det)
+
+        return predict
