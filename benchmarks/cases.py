@@ -123,17 +123,20 @@ def roi_align(framework: str, out: int, batch: int = 2, rois: int = 512, channel
 
 
 def inference(framework: str, height: int, width: int, batch: int, repeats: int = 3,
-              score_thresh: float = 0.05) -> dict:
+              score_thresh: float = 0.05, exact_canvas: bool = True) -> dict:
     """Images of exactly height x width; the model resizes with min_size=min(h, w), max_size=max(h, w).
 
     ``score_thresh``: both detectors' box score threshold (0.05 = torchvision's default, where the
     calibrated random weights give ~100 detections/image; higher keeps fewer detections, and both
-    run their mask heads on fewer boxes)."""
+    run their mask heads on fewer boxes). ``exact_canvas``: maskx_jax's ``model.exact_canvas`` (what the
+    per-image extent costs; the images fill the canvas here, so both settings detect the same)."""
     min_size, max_size = min(height, width), max(height, width)
     images = smooth_images(batch, height, width, seed=1)
     model = torch_maskrcnn(min_size, max_size, smooth_images(1, height, width, seed=2)[0])
     model.roi_heads.score_thresh = score_thresh
     row = {"height": height, "width": width, "batch": batch, "score_thresh": score_thresh}
+    if not exact_canvas:
+        row["exact_canvas"] = False
     if framework == "jax":
         import dataclasses
 
@@ -147,7 +150,7 @@ def inference(framework: str, height: int, width: int, batch: int, repeats: int 
         isolate_jax()
         ours = converted(model)
         del model
-        ours.cfg = dataclasses.replace(ours.cfg, box_score_thresh=score_thresh)
+        ours.cfg = dataclasses.replace(ours.cfg, box_score_thresh=score_thresh, exact_canvas=exact_canvas)
         predict = make_predict_fn(ours)
         _, state = nnx.split(ours)
         pre = preprocess(images, min_size=min_size, max_size=max_size)
@@ -249,9 +252,10 @@ def _our_batch(images, targets, config):
 
 def train(framework: str, height: int, width: int, batch: int = 2, instances: int = 8, repeats: int = 3,
           mask_mode: str = "class_specific", max_mask_rois: int = 128,
-          mask_slot_buckets: tuple = (8, 16, 32, 64)) -> dict:
+          mask_slot_buckets: tuple = (8, 16, 32, 64), exact_canvas: bool = True) -> dict:
     """``max_mask_rois``: maskx_jax's mask-loss RoI slots per image (torchvision's cap is 128 = 25% of 512);
-    ``mask_slot_buckets``: the smaller slot counts the step may pick (() = always all of them)."""
+    ``mask_slot_buckets``: the smaller slot counts the step may pick (() = always all of them);
+    ``exact_canvas``: maskx_jax's ``model.exact_canvas``."""
     images = smooth_images(batch, height, width, seed=3)
     targets = train_targets(batch, height, width, instances, seed=4)
     row = {"height": height, "width": width, "batch": batch, "instances": instances, "mask_mode": mask_mode,
@@ -265,6 +269,7 @@ def train(framework: str, height: int, width: int, batch: int = 2, instances: in
         config = _our_train_config(height, width, batch, mask_mode)
         config.model.max_mask_rois_per_image = max_mask_rois
         config.model.mask_slot_buckets = tuple(mask_slot_buckets)
+        config.model.exact_canvas = exact_canvas
         trainer = Trainer(config, COCO_CLASSES)
         state = trainer.init_state()
         data = trainer.global_batch(_our_batch(images, targets, config))

@@ -125,7 +125,8 @@ def markdown(result: dict) -> str:
             "| jax utilisation |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for j, t in _pairs(rows, "inference"):
-        size = f"{j['height']}x{j['width']} | {j['batch']} | {j.get('score_thresh', 0.05):g}"
+        size = (f"{j['height']}x{j['width']} | {j['batch']} | {j.get('score_thresh', 0.05):g}"
+                + (" (jax: exact_canvas off)" if j.get("exact_canvas") is False else ""))
         if _err(j) or _err(t):
             out.append(f"| {size} | {_err(j) or _err(t)} | | | | | | |")
             continue
@@ -149,7 +150,8 @@ def markdown(result: dict) -> str:
         size = f"{j['height']}x{j['width']}"
         mode = j.get("mask_mode", "class_specific") + (
             f", {j['max_mask_rois']} mask slots" if j.get("max_mask_rois", 128) != 128 else "") + (
-            f", all {j.get('max_mask_rois', 128)} slots" if j.get("mask_slot_buckets") == [] else "")
+            f", all {j.get('max_mask_rois', 128)} slots" if j.get("mask_slot_buckets") == [] else "") + (
+            ", exact_canvas off" if j.get("exact_canvas") is False else "")
         if _err(j) or (t is not None and _err(t)):
             out.append(f"| {size} | {mode} | {_err(j) or _err(t)} | | | | | | |")
             continue

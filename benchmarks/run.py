@@ -52,6 +52,9 @@ def plan(quick: bool, only: set[str] | None, smoke: bool = False) -> list[dict]:
         # A deployment threshold: few detections, so the mask head's share shrinks in both frameworks.
         specs += [{"case": "inference", "framework": fw, "height": h, "width": w, "batch": 1, "repeats": reps,
                    "score_thresh": 0.5} for fw in ("jax", "torch")]
+        # What torchvision's per-image extent costs (model.exact_canvas, on by default).
+        specs.append({"case": "inference", "framework": "jax", "height": h, "width": w, "batch": 1, "repeats": reps,
+                      "exact_canvas": False})
     for h, w in sizes:
         specs += [{"case": "train", "framework": fw, "height": h, "width": w, "batch": 2, "repeats": reps}
                   for fw in ("jax", "torch")]
@@ -60,6 +63,8 @@ def plan(quick: bool, only: set[str] | None, smoke: bool = False) -> list[dict]:
         # What the mask-slot buckets buy: the same step with the mask head always on all 128 slots.
         specs.append({"case": "train", "framework": "jax", "height": h, "width": w, "batch": 2, "repeats": reps,
                       "mask_slot_buckets": []})
+        specs.append({"case": "train", "framework": "jax", "height": h, "width": w, "batch": 2, "repeats": reps,
+                      "exact_canvas": False})
     return [s for s in specs if only is None or s["case"] in only]
 
 

@@ -107,3 +107,48 @@ def anchor_grid(
         tuple(tuple(float(a) for a in ar) for ar in aspect_ratios),
     )
     return anchors, list(counts)
+
+
+def anchor_grid_per_image(
+    extent,
+    feature_sizes: Sequence[Sequence[int]],
+    strides: Sequence[int],
+    sizes: Sequence[Sequence[float]] = DEFAULT_SIZES,
+    aspect_ratios: Sequence[Sequence[float]] = DEFAULT_ASPECT_RATIOS,
+):
+    """Each image's own torchvision anchors laid out on a shared canvas (traced; ``model.exact_canvas``).
+
+    torchvision builds the anchors of an image from the tensor it runs on, the image rounded up to 32
+    (``extent``): level ``l`` has a grid of ``g = ceil(extent / strides[l])`` locations spaced
+    ``extent // g`` apart, which is ``strides[l]`` except at P6 when ``extent / 32`` is odd (e.g. 48 for a
+    96-pixel extent). Here every image gets the canvas's grid of ``feature_sizes`` locations in the order of
+    :func:`anchor_grid`, with its own spacing, and ``valid`` marks the locations inside its grid.
+
+    Args:
+      extent: [N, 2] int32 (h, w), each image's size rounded up to 32 (:func:`maskx_jax.canvas.padded_extent`).
+      feature_sizes: canvas grid (h_l, w_l) per level (static).
+      strides: nominal stride per level (static), e.g. (4, 8, 16, 32, 64).
+      sizes, aspect_ratios: as :func:`anchor_grid`.
+
+    Returns:
+      anchors [N, T, 4] float32 (rows of locations outside an image's grid are finite but meaningless) and
+      valid [N, T] bool; T = sum_l h_l * w_l * A_l, the layout of :func:`anchor_grid` on the canvas.
+    """
+    import jax.numpy as jnp
+
+    extent = jnp.asarray(extent, jnp.int32)
+    anchors, valid = [], []
+    for (gh, gw), stride, s, ar in zip(feature_sizes, strides, sizes, aspect_ratios):
+        grid = (extent + stride - 1) // stride  # [N, 2]
+        spacing = extent // grid  # torchvision: image_size // grid_size
+        ys = jnp.arange(gh, dtype=jnp.int32)
+        xs = jnp.arange(gw, dtype=jnp.int32)
+        shift_y = jnp.broadcast_to((ys[None, :] * spacing[:, :1])[:, :, None], (extent.shape[0], gh, gw))
+        shift_x = jnp.broadcast_to((xs[None, :] * spacing[:, 1:])[:, None, :], (extent.shape[0], gh, gw))
+        inside = (ys[None, :, None] < grid[:, 0, None, None]) & (xs[None, None, :] < grid[:, 1, None, None])
+        # int -> float32, then one float32 add, as torch's int64 + float32 promotion.
+        shifts = jnp.stack([shift_x, shift_y, shift_x, shift_y], axis=-1).astype(jnp.float32).reshape(-1, gh * gw, 1, 4)
+        base = jnp.asarray(cell_anchors(s, ar))
+        anchors.append((shifts + base[None, None]).reshape(extent.shape[0], -1, 4))
+        valid.append(jnp.repeat(inside.reshape(-1, gh * gw), base.shape[0], axis=1))
+    return jnp.concatenate(anchors, axis=1), jnp.concatenate(valid, axis=1)

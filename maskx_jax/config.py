@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.box_reg_beta = 1.0 / 9  # smooth-L1 beta of the Fast R-CNN box loss (the RPN's stays 1/9)
     m.binarize_mask_targets = False  # mask targets thresholded at 0.5 (Detectron) instead of soft RoIAlign averages
     m.dtype = "float32"  # compute dtype of convs/FCs: float32 | bfloat16 (params, boxes, NMS and losses stay float32)
+    # torchvision's per-image numbers on any canvas: features zero outside each image's size rounded up to 32,
+    # its own anchors, RoIAlign clamped to it (maskx_jax/canvas.py); False: only the canvas's border counts
+    m.exact_canvas = True
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # synthetic | coco | tfds

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maskx_jax import anchors as anchors_lib
 from maskx_jax.box_head import (FastRCNNPredictor, RoISamples, TwoMLPHead, box_losses, detect_boxes,
                                  sample_rois)
+from maskx_jax.canvas import Canvas
 from maskx_jax.fpn import ResNetFPN
 from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss,
                                  mask_targets)
@@ -92,6 +94,11 @@ class DetectorConfig:
     # coding, NMS, RoIAlign sample positions and every loss stay float32; bfloat16 halves the
     # activation memory of a training step on accelerators.
     dtype: str = "float32"
+    # torchvision's per-image numbers on any canvas (maskx_jax/canvas.py): features zero outside each
+    # image's size rounded up to 32, its own anchors, RoIAlign clamped to it. Training uses the same features
+    # and RoIAlign (its anchors stay the canvas's, as torchvision's stay its padded batch's). False: the
+    # canvas's border only (a select less before each spatial op).
+    exact_canvas: bool = True
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -169,9 +176,19 @@ class MaskRCNN(nnx.Module):
         logits = logits if fused is None else logits + fused
         return logits.astype(jnp.float32)
 
-    def _features(self, images: Array) -> list[Array]:
+    def _canvas(self, image_sizes: Array) -> Canvas | None:
+        """Each image's torchvision extent on the canvas (``exact_canvas``), or None."""
+        return Canvas(image_sizes) if self.cfg.exact_canvas else None
+
+    def _features(self, images: Array, canvas: Canvas | None = None) -> list[Array]:
         """Backbone + FPN in the compute dtype: [N, H, W, 3] -> P2..P6."""
-        return self.backbone(images.astype(self.cfg.compute_dtype))
+        return self.backbone(images.astype(self.cfg.compute_dtype), canvas)
+
+    def _roi_align(self, pooled: list[Array], boxes: Array, size: int, canvas: Canvas | None) -> Array:
+        """[N, R, 4] boxes pooled from P2..P5 -> [N, R, size, size, C] (clamped to each extent with a canvas)."""
+        cfg = self.cfg
+        return multiscale_roi_align(pooled, boxes, (size, size), cfg.sampling_ratio, cfg.aligned, cfg.pooler_scales,
+                                    extents=None if canvas is None else canvas.extent)
 
     def _rpn(self, feats: list[Array], image_hw: tuple[int, int], detached: bool = False):
         """RPN head outputs in float32 (scores and deltas feed top-k, NMS and box decoding).
@@ -191,11 +208,9 @@ class MaskRCNN(nnx.Module):
         class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(box_feats))
         return class_logits.astype(jnp.float32), box_deltas.astype(jnp.float32)
 
-    def _mask_features(self, pooled: list[Array], boxes: Array) -> Array:
+    def _mask_features(self, pooled: list[Array], boxes: Array, canvas: Canvas | None = None) -> Array:
         """boxes [N, R, 4] -> conv5 mask features [N*R, 28, 28, C]."""
-        cfg = self.cfg
-        feats = multiscale_roi_align(pooled, boxes, (cfg.mask_roi_size,) * 2, cfg.sampling_ratio, cfg.aligned,
-                                     cfg.pooler_scales)
+        feats = self._roi_align(pooled, boxes, self.cfg.mask_roi_size, canvas)
         feats = feats.reshape(-1, *feats.shape[2:])
         return self.roi_heads.mask_predictor.features(self.roi_heads.mask_head(feats))
 
@@ -211,24 +226,32 @@ class MaskRCNN(nnx.Module):
           (``masks`` None for a box-only detector, ``mask_mode='none'``).
         """
         cfg = self.cfg
-        feats = self._features(images)
+        canvas = self._canvas(image_sizes)
+        feats = self._features(images, canvas)
         logits, deltas, anchors, counts = self._rpn(feats, images.shape[1:3])
+        anchor_valid = None
+        if canvas is not None:  # each image's own anchors, as torchvision builds them for its tensor
+            anchors, anchor_valid = anchors_lib.anchor_grid_per_image(
+                canvas.extent, [f.shape[1:3] for f in feats], self.backbone.strides, self.rpn.anchor_sizes,
+                (tuple(self.rpn.aspect_ratios),) * len(self.rpn.anchor_sizes))
         props = select_proposals(logits, deltas, anchors, counts, image_sizes,
                                  pre_nms_top_n=cfg.rpn_pre_nms_top_n_test,
-                                 post_nms_top_n=cfg.rpn_post_nms_top_n_test, nms_thresh=cfg.rpn_nms_thresh)
+                                 post_nms_top_n=cfg.rpn_post_nms_top_n_test, nms_thresh=cfg.rpn_nms_thresh,
+                                 anchor_valid=anchor_valid)
         pooled = feats[:4]  # RoIAlign reads P2..P5, never P6
-        box_feats = multiscale_roi_align(pooled, props.boxes, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
-                                         cfg.aligned, cfg.pooler_scales)
+        box_feats = self._roi_align(pooled, props.boxes, cfg.box_roi_size, canvas)
         class_logits, box_deltas = self._box_outputs(box_feats)
         post = lambda cl, bd, pb, pv, hw: detect_boxes(
             cl, bd, pb, pv, hw, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
             detections_per_img=cfg.detections_per_img)
         boxes, scores, labels, valid = jax.vmap(post)(class_logits, box_deltas, props.boxes, props.valid,
                                                       image_sizes)
-        masks = None if self.roi_heads.mask_head is None else self._detection_masks(pooled, boxes, labels, valid)
+        masks = (None if self.roi_heads.mask_head is None
+                 else self._detection_masks(pooled, boxes, labels, valid, canvas))
         return Detections(boxes=boxes, scores=scores, labels=labels, valid=valid, masks=masks)
 
-    def _detection_masks(self, pooled: list[Array], boxes: Array, labels: Array, valid: Array) -> Array:
+    def _detection_masks(self, pooled: list[Array], boxes: Array, labels: Array, valid: Array,
+                         canvas: Canvas | None = None) -> Array:
         """Mask probabilities [N, D, 28, 28] of the detections (boxes [N, D, 4], labels, valid [N, D]).
 
         Valid detections are a prefix of each image's D rows, so the mask branch runs on the first k
@@ -242,7 +265,8 @@ class MaskRCNN(nnx.Module):
 
         def branch(k: int) -> Callable[[], Array]:
             def masks() -> Array:
-                logits = self.mask_logits(self._mask_features(pooled, boxes[:, :k]), labels[:, :k].reshape(-1))
+                logits = self.mask_logits(self._mask_features(pooled, boxes[:, :k], canvas),
+                                          labels[:, :k].reshape(-1))
                 probs = jax.nn.sigmoid(logits).reshape(n, k, *logits.shape[1:])
                 return jnp.pad(probs, ((0, 0), (0, d - k), (0, 0), (0, 0)))
             return masks
@@ -273,7 +297,8 @@ class MaskRCNN(nnx.Module):
         cfg = self.cfg
         with_mask = "mask" not in skip and self.roi_heads.mask_head is not None
         k_rpn, k_roi = jax.random.split(rng)
-        feats = self._features(batch.images)
+        canvas = self._canvas(batch.image_sizes)
+        feats = self._features(batch.images, canvas)
         parts: dict[str, Array] = {}
         # The head over every anchor feeds only the proposals, which carry no gradient (torchvision
         # detaches them too); the RPN losses read the head at their sampled anchors alone
@@ -298,17 +323,17 @@ class MaskRCNN(nnx.Module):
                                   positive_fraction=cfg.roi_positive_fraction)
             pooled = feats[:4]
             if "box" not in skip:
-                box_feats = multiscale_roi_align(pooled, samples.rois, (cfg.box_roi_size,) * 2, cfg.sampling_ratio,
-                                                 cfg.aligned, cfg.pooler_scales)
+                box_feats = self._roi_align(pooled, samples.rois, cfg.box_roi_size, canvas)
                 class_logits, box_deltas = self._box_outputs(box_feats)
                 parts["loss_classifier"], parts["loss_box_reg"] = box_losses(
                     class_logits, box_deltas, samples, batch.gt_boxes, beta=cfg.box_reg_beta)
             if with_mask:
-                parts["loss_mask"] = self._mask_loss(pooled, samples, batch)
+                parts["loss_mask"] = self._mask_loss(pooled, samples, batch, canvas)
         total = sum(parts.values()) if parts else jnp.zeros((), jnp.float32)
         return total, parts
 
-    def _mask_loss(self, pooled: list[Array], samples: RoISamples, batch: Batch) -> Array:
+    def _mask_loss(self, pooled: list[Array], samples: RoISamples, batch: Batch,
+                   canvas: Canvas | None = None) -> Array:
         """Mask loss of the positive RoIs whose matched gt has a mask, on the gt class's channel.
 
         The sampler puts the positives in the first M = ``max_mask_rois_per_image`` slots. Within
@@ -336,7 +361,7 @@ class MaskRCNN(nnx.Module):
 
         def branch(k: int) -> Callable[[], Array]:
             def loss() -> Array:
-                logits = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(rois[:, :k])),
+                logits = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(rois[:, :k]), canvas),
                                           labels[:, :k].reshape(-1))
                 targets = mask_targets(rois[:, :k].reshape(-1, 4), matched_boxes[:, :k].reshape(-1, 4), crops,
                                        flat_gt[:, :k].reshape(-1), resolution=logits.shape[-1])

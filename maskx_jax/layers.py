@@ -52,8 +52,9 @@ class FrozenBatchNorm(nnx.Module):
         self.running_mean = FrozenStat(jnp.zeros((num_features,), jnp.float32))
         self.running_var = FrozenStat(jnp.ones((num_features,), jnp.float32))
 
-    def __call__(self, x: Array) -> Array:
-        """x: [..., C] -> [..., C]."""
+    def __call__(self, x: Array, valid: Array | None = None) -> Array:
+        """x: [..., C] -> [..., C]. ``valid`` (the extent mask GroupNorm takes) is not needed: no statistics."""
+        del valid
         scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
         shift = self.bias[...] - self.running_mean[...] * scale
         return x * scale.astype(x.dtype) + shift.astype(x.dtype)
@@ -74,12 +75,22 @@ class GroupNorm(nnx.Module):
         self.weight = variable(jnp.ones((num_features,), jnp.float32), frozen)
         self.bias = variable(jnp.zeros((num_features,), jnp.float32), frozen)
 
-    def __call__(self, x: Array) -> Array:
-        """x: [N, H, W, C] -> [N, H, W, C]."""
+    def __call__(self, x: Array, valid: Array | None = None) -> Array:
+        """x: [N, H, W, C] -> [N, H, W, C].
+
+        valid: optional [N, H, W, 1] bool; the statistics then cover only these positions (an image's extent
+        on a larger canvas, see :mod:`maskx_jax.canvas`). Outputs outside it are computed but meaningless.
+        """
         n, h, w, c = x.shape
         g = x.reshape(n, h, w, self.num_groups, c // self.num_groups).astype(jnp.float32)
-        mean = g.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        if valid is None:
+            mean = g.mean(axis=(1, 2, 4), keepdims=True)
+            var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        else:
+            m = valid[..., None].astype(jnp.float32)  # [N, H, W, 1, 1]
+            count = jnp.maximum(m.sum(axis=(1, 2), keepdims=True), 1.0) * (c // self.num_groups)
+            mean = (g * m).sum(axis=(1, 2, 4), keepdims=True) / count
+            var = (jnp.square(g - mean) * m).sum(axis=(1, 2, 4), keepdims=True) / count
         y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c).astype(x.dtype)
         return y * self.weight[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
 

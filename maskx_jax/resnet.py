@@ -2,6 +2,10 @@
 
 Attribute names mirror torchvision (``conv1``, ``bn1``, ``layer1`` .. ``layer4``, ``downsample``) so
 that converting a torchvision checkpoint is a renaming table. Input images are NHWC.
+
+Every block takes an optional :class:`~maskx_jax.canvas.Canvas` and the stride of its input: with one, the
+inputs of its 3x3 convolutions are zero outside each image's extent and GroupNorm's statistics cover the
+extent only (torchvision's numbers on a larger canvas; ``model.exact_canvas``).
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from maskx_jax.canvas import Canvas, inside, zero_outside
 from maskx_jax.layers import Conv2d, FrozenBatchNorm, GroupNorm, max_pool
 
 Array = jax.Array
@@ -53,18 +58,24 @@ class BasicBlock(nnx.Module):
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, frozen: bool = False, *,
                  rngs: nnx.Rngs):
+        self.stride: int = stride
         self.conv1 = Conv2d(in_ch, planes, 3, stride=stride, padding=1, use_bias=False, frozen=frozen, rngs=rngs)
         self.bn1 = make_norm(norm, planes, eps, frozen)
         self.conv2 = Conv2d(planes, planes, 3, padding=1, use_bias=False, frozen=frozen, rngs=rngs)
         self.bn2 = make_norm(norm, planes, eps, frozen)
         self.downsample = _downsample(in_ch, planes, stride, norm, eps, frozen, rngs)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, canvas: Canvas | None = None, stride_in: int = 1) -> Array:
+        """x at ``stride_in`` (of the input image) -> the block's output at ``stride_in * stride``."""
+        s_out = stride_in * self.stride
         identity = x
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.conv1(zero_outside(canvas, x, stride_in))
+        out = jax.nn.relu(self.bn1(out, inside(canvas, s_out, out)))
+        out = self.conv2(zero_outside(canvas, out, s_out))
+        out = self.bn2(out, inside(canvas, s_out, out))
         if self.downsample is not None:
-            identity = self.downsample[1](self.downsample[0](x))
+            identity = self.downsample[0](x)
+            identity = self.downsample[1](identity, inside(canvas, s_out, identity))
         return jax.nn.relu(out + identity)
 
 
@@ -74,6 +85,7 @@ class Bottleneck(nnx.Module):
     def __init__(self, in_ch: int, planes: int, stride: int, norm: str, eps: float, frozen: bool = False, *,
                  rngs: nnx.Rngs):
         out_ch = planes * 4
+        self.stride: int = stride
         self.conv1 = Conv2d(in_ch, planes, 1, use_bias=False, frozen=frozen, rngs=rngs)
         self.bn1 = make_norm(norm, planes, eps, frozen)
         self.conv2 = Conv2d(planes, planes, 3, stride=stride, padding=1, use_bias=False, frozen=frozen, rngs=rngs)
@@ -82,13 +94,19 @@ class Bottleneck(nnx.Module):
         self.bn3 = make_norm(norm, out_ch, eps, frozen)
         self.downsample = _downsample(in_ch, out_ch, stride, norm, eps, frozen, rngs)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, canvas: Canvas | None = None, stride_in: int = 1) -> Array:
+        """x at ``stride_in`` (of the input image) -> the block's output at ``stride_in * stride``."""
+        s_out = stride_in * self.stride
         identity = x
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = jax.nn.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.conv1(x)
+        out = jax.nn.relu(self.bn1(out, inside(canvas, stride_in, out)))
+        out = self.conv2(zero_outside(canvas, out, stride_in))
+        out = jax.nn.relu(self.bn2(out, inside(canvas, s_out, out)))
+        out = self.conv3(out)
+        out = self.bn3(out, inside(canvas, s_out, out))
         if self.downsample is not None:
-            identity = self.downsample[1](self.downsample[0](x))
+            identity = self.downsample[0](x)
+            identity = self.downsample[1](identity, inside(canvas, s_out, identity))
         return jax.nn.relu(out + identity)
 
 
@@ -127,16 +145,23 @@ class ResNet(nnx.Module):
                 in_ch = planes * expansion
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
 
-    def __call__(self, x: Array) -> list[Array]:
-        """x: [N, H, W, 3] normalised image -> [C2 (stride 4), C3, C4, C5 (stride 32)]."""
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = max_pool(x, 3, 2, 1)
+    def __call__(self, x: Array, canvas: Canvas | None = None) -> list[Array]:
+        """x: [N, H, W, 3] normalised image -> [C2 (stride 4), C3, C4, C5 (stride 32)].
+
+        canvas: optional; positions outside each image's extent then never reach a spatial operation.
+        """
+        x = self.conv1(zero_outside(canvas, x, 1))
+        x = jax.nn.relu(self.bn1(x, inside(canvas, 2, x)))
+        # Zero stands in for max-pool's -inf padding: the values are ReLU outputs, never negative.
+        x = max_pool(zero_outside(canvas, x, 2), 3, 2, 1)
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)
         outs = []
+        stride = 4
         for i in range(4):
             for blk in getattr(self, f"layer{i + 1}"):
-                x = blk(x)
+                x = blk(x, canvas, stride)
+                stride *= blk.stride
             if self.freeze_at >= i + 2:
                 x = jax.lax.stop_gradient(x)
             outs.append(x)

@@ -223,10 +223,11 @@ def _pool_flat(
     output_size: Tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
+    row_width: Union[float, Array, None] = None,
 ) -> Array:
     """RoIAlign of R boxes whose pixels live in one flat [P, C] array.
 
-    Pixel (y, x) of RoI r is row ``base[r] + y * width[r] + x`` of ``flat``.
+    Pixel (y, x) of RoI r is row ``base[r] + y * row_width[r] + x`` of ``flat``.
 
     Args:
       flat: [P, C] float, flattened (image, level, y, x) pixels.
@@ -237,6 +238,8 @@ def _pool_flat(
       output_size: (ph, pw) static.
       sampling_ratio: static samples per bin side (>= 1).
       aligned: static; half-pixel offset as in torchvision.
+      row_width: width of each RoI's map as stored in ``flat``, when samples are clamped to a smaller
+        ``width`` (an image's extent on a canvas); default ``width``.
 
     Returns:
       [R, ph, pw, C], dtype of ``flat``.
@@ -259,7 +262,7 @@ def _pool_flat(
     y_idx, y_w = _axis_samples(y1, roi_h, ph, grid, height)  # [R, ph, 2g]
     x_idx, x_w = _axis_samples(x1, roi_w, pw, grid, width)  # [R, pw, 2g]
 
-    width_i = jnp.asarray(width, jnp.int32)
+    width_i = jnp.asarray(width if row_width is None else row_width, jnp.int32)
     stride = width_i[:, None, None] if width_i.ndim else width_i
     rows = base[:, None, None].astype(jnp.int32) + y_idx * stride  # [R, ph, 2g]
     idx = rows[:, :, :, None, None] + x_idx[:, None, None, :, :]  # [R, ph, 2g, pw, 2g]
@@ -351,6 +354,7 @@ def multiscale_roi_align(
     scales: Sequence[float],
     canonical_scale: int = 224,
     canonical_level: int = 4,
+    extents: Array | None = None,
 ) -> Array:
     """torchvision ``MultiScaleRoIAlign``: each box pooled from its FPN level, one gather.
 
@@ -364,6 +368,9 @@ def multiscale_roi_align(
       scales: L python floats, powers of 2 (e.g. 1/4, 1/8, 1/16, 1/32); level k_min is
         -log2(scales[0]) and k_max is -log2(scales[-1]).
       canonical_scale, canonical_level: LevelMapper parameters.
+      extents: optional [B, 2] int32, each image's size rounded up to 32 (``model.exact_canvas``): samples
+        are clamped to ``extent * scale`` of their level, the border of the tensor torchvision pools from,
+        instead of the canvas's border.
 
     Returns:
       [B, N, ph, pw, C] with the dtype of the features.
@@ -397,7 +404,10 @@ def multiscale_roi_align(
     image = jnp.repeat(jnp.arange(bsz, dtype=jnp.int32), n)  # [R], boxes are image-major
     base = image * total + offset_t[lvl]
 
-    out = _pool_flat(
-        flat, rois, scale_t[lvl], heights[lvl], widths[lvl], base, (ph, pw), grid, bool(aligned)
-    )
+    height, width = heights[lvl], widths[lvl]
+    if extents is not None:
+        ext = jnp.asarray(extents, jnp.float32)[image]  # [R, 2]; extent * 2^-k is exact
+        height, width = ext[:, 0] * scale_t[lvl], ext[:, 1] * scale_t[lvl]
+    out = _pool_flat(flat, rois, scale_t[lvl], height, width, base, (ph, pw), grid, bool(aligned),
+                     row_width=widths[lvl])
     return out.reshape(bsz, n, ph, pw, c)

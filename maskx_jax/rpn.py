@@ -146,11 +146,14 @@ def select_proposals(
     nms_thresh: float = 0.7,
     min_size: float = 1e-3,
     score_thresh: float = 0.0,
+    anchor_valid: Array | None = None,
 ) -> Proposals:
     """torchvision's proposal filtering with static shapes.
 
     Args:
-      logits: [N, T] objectness logits; deltas: [N, T, 4]; anchors: [T, 4] (level-major).
+      logits: [N, T] objectness logits; deltas: [N, T, 4]; anchors: [T, 4] (level-major), or [N, T, 4] per
+        image with ``anchor_valid`` [N, T] marking each image's own anchors (``model.exact_canvas``): the
+        others rank below every real anchor and never become proposals.
       level_counts: anchors per level (static). image_sizes: [N, 2] int (h, w) before padding.
       pre_nms_top_n: per level (torchvision: 1000 test / 2000 train). post_nms_top_n: per image.
     Returns:
@@ -159,6 +162,8 @@ def select_proposals(
     # Gradients never flow through proposals (torchvision detaches them too).
     logits = jax.lax.stop_gradient(logits)
     deltas = jax.lax.stop_gradient(deltas)
+    if anchor_valid is not None:
+        logits = jnp.where(anchor_valid, logits, -jnp.inf)
     idx_parts, lvl_parts = [], []
     start = 0
     for level, count in enumerate(level_counts):
@@ -170,17 +175,21 @@ def select_proposals(
     idx = jnp.concatenate(idx_parts, axis=1)  # [N, C]
     levels = jnp.asarray(np.concatenate(lvl_parts))  # [C]
     anchors = jnp.asarray(anchors)
+    shared = anchors.ndim == 2  # one anchor set for the batch (the canvas's), not one per image
 
-    def per_image(logit, delta, index, hw):
+    def per_image(logit, delta, index, hw, anchor, real):
         cand_logits = logit[index]
-        boxes = box_ops.decode(delta[index], anchors[index], RPN_BOX_WEIGHTS, math.log(1000.0 / 16))
+        boxes = box_ops.decode(delta[index], anchor[index], RPN_BOX_WEIGHTS, math.log(1000.0 / 16))
         boxes = box_ops.clip_boxes(boxes, hw[0], hw[1])
         scores = jax.nn.sigmoid(cand_logits)
         valid = box_ops.small_box_mask(boxes, min_size) & (scores >= score_thresh)
+        if real is not None:
+            valid = valid & real[index]
         keep, keep_valid = batched_nms_padded(boxes, scores, levels, valid, nms_thresh, post_nms_top_n)
         return Proposals(boxes=boxes[keep], scores=jnp.where(keep_valid, scores[keep], 0.0), valid=keep_valid)
 
-    return jax.vmap(per_image)(logits, deltas, idx, image_sizes)
+    in_axes = (0, 0, 0, 0, None if shared else 0, None if anchor_valid is None else 0)
+    return jax.vmap(per_image, in_axes=in_axes)(logits, deltas, idx, image_sizes, anchors, anchor_valid)
 
 
 def smooth_l1(x: Array, beta: float) -> Array:

@@ -206,10 +206,10 @@ def preprocess(
         of this (torchvision default 32).
       pad_to: optional fixed (Hp, Wp) to pad every batch to, so that a jitted model sees one
         static shape. Must be multiples of ``size_divisible`` and hold every resized image.
-        Results equal torchvision's exactly when ``pad_to`` equals the size torchvision
-        would pad to; a larger canvas only changes features next to the bottom/right edge
-        of the padding that torchvision would have used (extra zero input instead of conv
-        zero padding).
+        With ``model.exact_canvas`` (the default) the model gives each image torchvision's
+        numbers for that image alone on any canvas; without it, only when ``pad_to`` equals
+        the size torchvision would pad to (a larger canvas changes the features next to the
+        border of torchvision's padding).
       image_mean, image_std: per-channel RGB normalisation constants.
 
     Returns:

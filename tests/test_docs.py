@@ -44,3 +44,22 @@ def test_readme_transfer_results_are_the_committed_files():
             assert transfer_report.readme_block(results, marker) in text, f"README {marker} block is stale"
             shown += 1
     assert shown >= 1  # the primary result is always shown
+
+
+def test_readme_exact_canvas_cost_is_the_committed_measurement():
+    """The README's cost of ``model.exact_canvas`` is the one in benchmarks/results/exact_canvas.json."""
+    import json
+    import statistics
+
+    with open(os.path.join(os.path.dirname(README), "benchmarks", "results", "exact_canvas.json")) as f:
+        rows = [r for r in json.load(f)["rows"] if "error" not in r and (r["height"], r["width"]) == (512, 512)]
+
+    def cost(case: str) -> int:
+        speed = {exact: statistics.median(r["images_per_s"] for r in rows if r["case"] == case
+                                          and r["exact_canvas"] == exact) for exact in (True, False)}
+        return round(100 * (1 - speed[True] / speed[False]))
+
+    claim = f"{cost('inference')}% of inference and {cost('train')}% of a training step at 512x512"
+    with open(README) as f:
+        text = " ".join(f.read().split())
+    assert claim in text, f"README should say: {claim}"
