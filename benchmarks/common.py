@@ -18,6 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from maskx_jax.backends.cpu import xla_flags  # noqa: E402
+
+# Every benchmark script and case process is an entry point: XLA:CPU's defaults as maskx-train sets them,
+# before JAX starts a backend (recorded in environment() as xla_cpu_defaults).
+xla_flags.apply_cpu_defaults()
+
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed.
@@ -103,7 +109,8 @@ def environment() -> dict:
     """Versions and machine facts recorded beside every benchmark table."""
     info = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "processor": _cpu_model(), "date": time.strftime("%Y-%m-%d"),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "transparent_hugepages": _thp_mode()}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "transparent_hugepages": _thp_mode(),
+            "xla_cpu_defaults": xla_flags.FLAG_NAME in os.environ.get("XLA_FLAGS", "")}
     try:
         import jax
 

@@ -56,21 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from benchmarks.common import write_results
-    from maskx_jax.conv import set_winograd
     from maskx_jax.config import base_config
     from maskx_jax.train_lib import Trainer
     from maskx_jax.types import Batch
 
     jax.config.update("jax_enable_compilation_cache", False)
-    # Winograd convolutions are a CPU-only path (maskx_jax/winograd.py); a pod's GPUs/TPUs run XLA's own
-    # convolutions, so the figures leave it out. (The CPU gradient forms of maskx_jax/conv.py stay:
-    # they change the temporaries by ~0.01-0.02 GiB.)
-    set_winograd(False)
+    # Winograd convolutions are a CPU-only path (maskx_jax/backends/cpu/winograd.py); a pod's GPUs/TPUs run
+    # XLA's own convolutions, so the figures leave it out: model.conv_impl="canonical" below. (The CPU gradient
+    # forms of backends/cpu/conv_gradients.py stay: they change the temporaries by ~0.01-0.02 GiB.)
     rows = []
     for depth in (int(d) for d in args.depths.split(",")):
         for dtype in args.dtypes.split(","):
             c = base_config()
             c.model.depth, c.model.dtype = depth, dtype
+            c.model.conv_impl = "canonical"
             if args.mask_slot_buckets is not None:
                 c.model.mask_slot_buckets = args.mask_slot_buckets
             c.model.mask_mode, c.data.set_a = "transfer", "voc"

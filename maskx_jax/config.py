@@ -13,6 +13,7 @@ import ml_collections
 
 from maskx_jax import optim
 from maskx_jax.box_head import BOX_PREDICTOR_INITS
+from maskx_jax.conv import CONV_IMPLS
 
 MASK_MODES = ("class_specific", "class_agnostic", "transfer", "none")
 TRANSFER_INPUTS = ("cls", "box", "cls+box", "random")
@@ -80,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     # torchvision's per-image numbers on any canvas: features zero outside each image's size rounded up to 32,
     # its own anchors, RoIAlign clamped to it (maskx_jax/canvas.py); False: only the canvas's border counts
     m.exact_canvas = True
+    # convolutions: auto (the backend's fast paths; on CPU Winograd + canonical gradients) | canonical | xla
+    m.conv_impl = "auto"
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # synthetic | coco | tfds
@@ -272,6 +275,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(m.transfer_hidden == m.mask_head_channels or m.mask_mode != "transfer",
           "model.transfer_hidden must equal model.mask_head_channels (tau outputs 1x1 conv weights on those features)")
     check(m.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}")
+    check(m.conv_impl in CONV_IMPLS, f"model.conv_impl must be one of {CONV_IMPLS}, got {m.conv_impl!r}")
     check(m.sampling_ratio >= 1, "model.sampling_ratio must be >= 1 (adaptive sampling has no static shape)")
     check(0 <= m.freeze_at <= 5, "model.freeze_at must be in [0, 5]")
     check(0 < m.roi_positive_fraction <= 1 and 0 < m.rpn_positive_fraction <= 1, "positive fractions must be in (0, 1]")

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from maskx_jax.backends.cpu import xla_flags
 from maskx_jax.transfer_experiment import Protocol, parse_override, run_experiment
 
 ARMS = ("class_agnostic", "transfer_mlp", "oracle")
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", type=parse_override, default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key of configs/transfer_shapes10.py (repeatable)")
     args = p.parse_args(argv)
+    print(xla_flags.apply_for_entry_point())  # before anything starts a JAX backend
 
     from absl import logging as absl_logging
 

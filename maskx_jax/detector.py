@@ -20,6 +20,7 @@ from maskx_jax.box_head import (FastRCNNPredictor, RoISamples, TwoMLPHead, box_l
                                  sample_rois)
 from maskx_jax.canvas import Canvas
 from maskx_jax.fpn import ResNetFPN
+from maskx_jax.layers import Conv2d
 from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss,
                                  mask_targets)
 from maskx_jax.roi_align import multiscale_roi_align
@@ -99,6 +100,9 @@ class DetectorConfig:
     # and RoIAlign (its anchors stay the canvas's, as torchvision's stay its padded batch's). False: the
     # canvas's border only (a select less before each spatial op).
     exact_canvas: bool = True
+    # How convolutions are computed (maskx_jax/conv.py): auto (the backend's fast paths: on CPU Winograd and
+    # canonical gradients) | canonical (CPU: canonical gradients, no Winograd) | xla (XLA's own everywhere).
+    conv_impl: str = "auto"
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -144,6 +148,9 @@ class MaskRCNN(nnx.Module):
                                   norm_eps=cfg.norm_eps, rngs=rngs)
         self.rpn = RPN(cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes, aspect_ratios=cfg.aspect_ratios, rngs=rngs)
         self.roi_heads = RoIHeads(cfg, rngs=rngs)
+        for _, module in nnx.iter_graph(self):  # one implementation choice for every convolution
+            if isinstance(module, Conv2d):
+                module.impl = cfg.conv_impl
 
     # ----------------------------------------------------------------------------- mask logits
     def mask_class_weights(self) -> tuple[Array, Array | None]:

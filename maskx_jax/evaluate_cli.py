@@ -59,7 +59,10 @@ def evaluate_checkpoint(checkpoint: str, val_json: str, val_images: str, *, set_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from maskx_jax.backends.cpu import xla_flags
     from maskx_jax.predict import parse_pad
+
+    print(xla_flags.apply_for_entry_point(), file=sys.stderr)  # before anything starts a JAX backend
 
     p = argparse.ArgumentParser(prog="python -m maskx_jax.evaluate_cli", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted checkpoint, work directory or WORKDIR/checkpoints/N")

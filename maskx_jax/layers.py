@@ -108,7 +108,8 @@ def kaiming_uniform_a1() -> Initializer:
 class Conv2d(nnx.Module):
     """2-D convolution with torch's explicit symmetric zero padding (never 'SAME').
 
-    kernel: [kh, kw, in, out] (HWIO); bias: [out] or absent.
+    kernel: [kh, kw, in, out] (HWIO); bias: [out] or absent. ``impl``: how :func:`maskx_jax.conv.conv2d`
+    computes it (``model.conv_impl``; the detector sets it on every Conv2d when it is built).
     """
 
     def __init__(
@@ -130,13 +131,14 @@ class Conv2d(nnx.Module):
         self.kernel_size: int = kernel_size
         self.stride: int = stride
         self.padding: int = padding
+        self.impl: str = "auto"
         shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = variable(kernel_init(rngs.params(), shape, jnp.float32), frozen)
         self.bias = variable(bias_init(rngs.params(), (out_features,), jnp.float32), frozen) if use_bias else None
 
     def __call__(self, x: Array) -> Array:
         """x: [N, H, W, in] -> [N, H', W', out]."""
-        y = conv2d(x, self.kernel[...].astype(x.dtype), self.stride, self.padding)
+        y = conv2d(x, self.kernel[...].astype(x.dtype), self.stride, self.padding, self.impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y

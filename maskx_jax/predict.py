@@ -52,6 +52,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from maskx_jax.backends.cpu import xla_flags
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 RESULTS_FILE = "results.json"
 IMAGES_FILE = "images.json"
@@ -562,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging_std.basicConfig(level=logging_std.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging_std.INFO)
+    log.info(xla_flags.apply_for_entry_point())  # before anything starts a JAX backend
     # Grayscale / RGBA / palette inputs are converted as a matter of course here; unreadable files are
     # reported once at the end, so the data layer's per-file repair warnings are not needed.
     logging_std.getLogger("maskx_jax.data").setLevel(logging_std.ERROR)

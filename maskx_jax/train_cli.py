@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maskx_jax import config as config_lib
+from maskx_jax.backends.cpu import xla_flags
 from maskx_jax import train_lib
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
@@ -64,6 +65,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = FLAGS.config
+    logging.info(xla_flags.apply_for_entry_point())  # before anything starts a JAX backend
     try:
         config_lib.validate(cfg)  # before anything touches a device or compiles
     except ValueError as e:

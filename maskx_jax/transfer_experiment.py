@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from maskx_jax.backends.cpu import xla_flags
+
 # Mask-branch arms: config overrides on top of the experiment's base config.
 ARMS: dict[str, dict[str, Any]] = {
     "class_agnostic": {"model.mask_mode": "class_agnostic", "model.mlp_fusion": False},
@@ -298,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="override a base config key (repeatable), e.g. data.synthetic_num_train=8")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    print(xla_flags.apply_for_entry_point())  # before anything starts a JAX backend
 
     from absl import logging as absl_logging
 

@@ -5,6 +5,10 @@ import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from maskx_jax.backends.cpu import xla_flags  # noqa: E402
+
+xla_flags.apply_cpu_defaults()  # as the entry points do, before any test starts a JAX backend
+
 import jax
 import pytest
 

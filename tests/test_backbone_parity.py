@@ -8,8 +8,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from convert.mapping import torch_to_flax
-from maskx_jax import winograd
-from maskx_jax.conv import canonical_gradients
+from maskx_jax.backends.cpu import winograd
 from maskx_jax.fpn import ResNetFPN
 from maskx_jax.state_utils import assign_flat, flat_shapes
 from tests.torch_utils import nchw, nhwc, randomize_batchnorm_, state_dict_numpy
@@ -19,7 +18,7 @@ REL_TOL = 1e-4
 
 
 # The last case is large enough that the FPN's P2/P3 output convolutions and layer2's 3x3 convolutions
-# take the Winograd form on CPU (maskx_jax/winograd.py); the test counts them.
+# take the Winograd form on CPU (maskx_jax/backends/cpu/winograd.py); the test counts them.
 @pytest.mark.parametrize("depth,shape", [(18, (2, 96, 128)), (50, (1, 128, 96)), (50, (2, 512, 512))])
 def test_resnet_fpn_matches_torchvision(depth, shape, monkeypatch):
     winograd_calls = []
@@ -44,4 +43,4 @@ def test_resnet_fpn_matches_torchvision(depth, shape, monkeypatch):
         err = np.abs(np.asarray(g) - e).max()
         assert err <= REL_TOL * np.abs(e).max(), f"P{level}: max abs err {err:.3g} vs max |ref| {np.abs(e).max():.3g}"
     # FPN P2 and P3 outputs + layer2's three stride-1 3x3 convolutions at 512x512; none below.
-    assert len(winograd_calls) == (5 if shape[1] == 512 and canonical_gradients() else 0), winograd_calls
+    assert len(winograd_calls) == (5 if shape[1] == 512 and jax.default_backend() == "cpu" else 0), winograd_calls

@@ -1,5 +1,6 @@
 """conv2d's spelled-out gradients (used on CPU so convolutions stay fast inside lax.switch) equal
-JAX's own, and the XLA:CPU flag maskx_jax sets at import is applied only when it is safe."""
+JAX's own; ``model.conv_impl`` picks the implementation of every convolution when the model is built; the
+XLA:CPU flag the entry points set is applied only when it is safe, and never by ``import maskx_jax``."""
 import os
 import re
 import subprocess
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskx_jax import xla_cpu
-from maskx_jax.conv import canonical_gradients, conv2d
+from maskx_jax.backends.cpu import xla_flags as xla_cpu
+from maskx_jax.conv import conv2d
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -28,12 +29,12 @@ def test_conv2d_value_and_gradients_equal_jax(kernel, stride, padding, images):
     rng = np.random.default_rng(kernel * 10 + stride + padding)
     x = jnp.asarray(rng.standard_normal((images, 11, 9, 6), np.float32))
     k = jnp.asarray(rng.standard_normal((kernel, kernel, 6, 5), np.float32))
-    ours = jax.jit(lambda x, k: conv2d(x, k, stride, padding))
+    ours = jax.jit(lambda x, k: conv2d(x, k, stride, padding, "canonical"))
     ref = jax.jit(lambda x, k: _reference(x, k, stride, padding))
     y, y_ref = ours(x, k), ref(x, k)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
     g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
-    gx, gk = jax.jit(lambda x, k: jax.vjp(lambda a, b: conv2d(a, b, stride, padding), x, k)[1](g))(x, k)
+    gx, gk = jax.jit(lambda x, k: jax.vjp(lambda a, b: conv2d(a, b, stride, padding, "canonical"), x, k)[1](g))(x, k)
     gx_ref, gk_ref = jax.jit(lambda x, k: jax.vjp(lambda a, b: _reference(a, b, stride, padding), x, k)[1](g))(x, k)
     for a, b in ((gx, gx_ref), (gk, gk_ref)):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -80,11 +81,34 @@ def test_bfloat16_gradients_keep_their_dtypes():
     assert float(gk[1, 1, 0, 0]) == 18.0
 
 
-def test_canonical_gradients_only_on_cpu():
-    assert canonical_gradients("cpu") and not canonical_gradients("gpu") and not canonical_gradients("tpu")
+def test_conv_impl_is_chosen_when_the_model_is_built():
+    """``xla`` lowers the 1x1 filter gradient as XLA's convolution, ``canonical`` as a matrix product; a
+    built detector carries ``model.conv_impl`` on every Conv2d; an unknown name is refused."""
+    from flax import nnx
+
+    from maskx_jax.detector import MaskRCNN
+    from maskx_jax.layers import Conv2d
+    from tests.model_utils import tiny_config
+
+    x = jnp.ones((2, 8, 8, 16), jnp.float32)
+    k = jnp.ones((1, 1, 16, 4), jnp.float32)
+
+    def grad_hlo(impl):
+        return jax.jit(jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 1, 0, impl) ** 2), argnums=(0, 1))).lower(
+            x, k).as_text()
+
+    assert grad_hlo("xla").count("stablehlo.convolution") == 3 and "dot_general" not in grad_hlo("xla")
+    assert grad_hlo("canonical").count("stablehlo.convolution") == 2
+    with pytest.raises(ValueError, match="conv impl"):
+        conv2d(x, k, 1, 0, "fast")
+    for impl in ("xla", "canonical"):
+        model = MaskRCNN(tiny_config(conv_impl=impl), rngs=nnx.Rngs(0))
+        impls = {m.impl for _, m in nnx.iter_graph(model) if isinstance(m, Conv2d)}
+        assert impls == {impl}
 
 
-def _flags_after_import(env_extra: dict, first: str = "import maskx_jax") -> str:
+def _flags_after_import(env_extra: dict, first: str = "from maskx_jax.backends.cpu import xla_flags; "
+                        "xla_flags.apply_cpu_defaults()") -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT_ENV)}
     env.update(env_extra)
     code = f"{first}; import os; print('FLAGS=' + os.environ.get('XLA_FLAGS', ''))"
@@ -96,16 +120,19 @@ def _flags_after_import(env_extra: dict, first: str = "import maskx_jax") -> str
 
 @pytest.mark.skipif(xla_cpu._jaxlib_version() not in xla_cpu.VERIFIED_JAXLIB,
                     reason="the flag is only applied on verified jaxlib versions (tested below)")
-def test_import_adds_the_cpu_flag_next_to_the_users_flags():
+def test_the_entry_points_add_the_cpu_flag_next_to_the_users_flags_and_import_does_not():
     flags = _flags_after_import({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert flags.split() == ["--xla_force_host_platform_device_count=2", xla_cpu.FLAG]
+    # importing the package and building a model change nothing
+    assert _flags_after_import({}, first="import maskx_jax, maskx_jax.train_lib, maskx_jax.predict") == ""
 
 
 def test_the_flag_is_not_added_when_opted_out_set_by_the_user_or_too_late():
     assert _flags_after_import({xla_cpu.OPT_OUT_ENV: "0"}) == ""
     theirs = f"{xla_cpu.FLAG_NAME}=+LIBRARY_FUSION_TYPE_DOT"
     assert _flags_after_import({"XLA_FLAGS": theirs}) == theirs
-    assert _flags_after_import({}, first="import jax; jax.devices(); import maskx_jax") == ""
+    assert _flags_after_import({}, first="import jax; jax.devices(); from maskx_jax.backends.cpu import "
+                               "xla_flags; xla_flags.apply_cpu_defaults()") == ""
 
 
 def test_the_flag_is_not_added_on_an_unverified_jaxlib(monkeypatch):

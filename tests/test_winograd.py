@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) (maskx_jax/winograd.py): values and both gradients equal XLA's direct
+"""Winograd F(4x4, 3x3) (maskx_jax/backends/cpu/winograd.py): values and both gradients equal XLA's direct
 convolution within float32 rounding of the transforms, and conv2d takes it exactly where the rule says."""
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from maskx_jax import conv as conv_lib
-from maskx_jax import winograd
+from maskx_jax.backends.cpu import winograd
 
 DN = ("NHWC", "HWIO", "NHWC")
 # Outputs differ from the direct form by ~5e-6 of their scale (module docstring); 3e-5 leaves room
@@ -99,25 +99,22 @@ def test_rule(x_shape, kernel_shape, stride, padding, dtype, expected):
 def test_conv2d_dispatch_and_switch_off():
     x = jnp.ones((2, 64, 64, 128), jnp.float32)
     k = jnp.ones((3, 3, 128, 128), jnp.float32)
-    assert conv_lib.winograd_enabled()
     assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda a, b: conv_lib.conv2d(a, b, 1, 1))(x, k))
     small = jnp.ones((1, 16, 16, 128), jnp.float32)
     assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a, b: conv_lib.conv2d(a, b, 1, 1))(small, k))
-    conv_lib.set_winograd(False)
-    try:
-        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a, b: conv_lib.conv2d(a, b, 1, 1))(x, k))
+    for impl in ("canonical", "xla"):  # model.conv_impl without Winograd: XLA's direct convolution, bitwise
+        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a, b: conv_lib.conv2d(a, b, 1, 1, impl))(x, k))
         rng = np.random.default_rng(2)
         xr = jnp.asarray(rng.standard_normal((2, 64, 64, 128)), jnp.float32)
-        np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: conv_lib.conv2d(a, b, 1, 1))(xr, k)),
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: conv_lib.conv2d(a, b, 1, 1, impl))(xr, k)),
                                       np.asarray(jax.jit(lambda a, b: _direct(a, b, 1))(xr, k)))
-    finally:
-        conv_lib.set_winograd(True)
 
 
 _SHARDED_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from maskx_jax import conv as conv_lib, winograd
+from maskx_jax import conv as conv_lib
+from maskx_jax.backends.cpu import winograd
 assert jax.device_count() == 8
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((8, 32, 32, 128)), jnp.float32)

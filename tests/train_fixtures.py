@@ -239,6 +239,9 @@ def _worker(argv):
 if __name__ == "__main__":
     import sys
 
+    from maskx_jax.backends.cpu import xla_flags
+
+    xla_flags.apply_cpu_defaults()  # as the entry points do
     sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
     _worker(sys.argv)
 

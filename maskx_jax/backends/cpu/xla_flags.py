@@ -1,4 +1,4 @@
-"""XLA:CPU settings that maskx_jax applies before JAX starts its CPU backend.
+"""XLA:CPU settings that maskx_jax's entry points apply before JAX starts its CPU backend.
 
 Why: jaxlib 0.10's CPU backend hands every convolution to YNNPACK, whose *filter-gradient*
 convolutions are 2-9x slower than the Eigen path it replaced (measured on this project's 2-core
@@ -8,8 +8,10 @@ CPU, 3x3 / 256 -> 256 channels, float32: mask head [256, 14, 14, 256] 0.93 s vs 
 elementwise and reduction fusions stay) made a Mask R-CNN R50-FPN training step at 512 x 512 go from
 17.5 s to 10.4 s. ``benchmarks/`` measures the effect end to end.
 
-The flag is added to ``XLA_FLAGS`` at ``import maskx_jax``, which works because XLA reads the variable
-only when the first backend is created. It is not added when
+The entry points (``maskx-train``, ``maskx-predict``, ``maskx-evaluate``, the transfer experiment, the
+benchmarks, the test suite) call :func:`apply_cpu_defaults` before JAX creates a backend and log whether it took
+effect; importing ``maskx_jax`` changes nothing. A program of your own calls it first thing (XLA reads the
+variable only when the first backend is created). It is not added when
   * the user's ``XLA_FLAGS`` already sets ``--xla_cpu_experimental_ynn_fusion_type`` (theirs wins);
   * ``MASKX_JAX_XLA_CPU_DEFAULTS=0`` is set in the environment (opt out);
   * the installed jaxlib is not a version on which the flag was verified to exist: XLA aborts the
@@ -70,3 +72,12 @@ def apply_cpu_defaults() -> bool:
 def cpu_defaults_applied() -> bool:
     """True when :func:`apply_cpu_defaults` added the flag before the backend started."""
     return _applied
+
+
+def apply_for_entry_point() -> str:
+    """:func:`apply_cpu_defaults`, and one line saying what it did, for an entry point's log."""
+    if apply_cpu_defaults():
+        return f"XLA:CPU: added {FLAG} to XLA_FLAGS ({OPT_OUT_ENV}=0 opts out)"
+    if FLAG_NAME in os.environ.get("XLA_FLAGS", ""):
+        return f"XLA:CPU: {FLAG_NAME} as set in XLA_FLAGS"
+    return "XLA:CPU: default convolution settings (no flag added)"

@@ -1,0 +1,1 @@
+"""XLA:CPU fast paths (see :mod:`maskx_jax.backends`)."""
