@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench install clean
+.PHONY: test test-fast demo bench install clean
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The edit loop (~2 minutes here): ruff and the unit tests of the ops, config, docs and data generation; no
+# model training, no subprocesses of train.py. `make test` stays the whole suite (and CI's command).
+FAST_TESTS := boxes anchors nms matching transform paste roi_align conv docs resources data_synthetic visualize
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(patsubst %,tests/test_%.py,$(FAST_TESTS))
 
 demo: $(STAMP)
 	$(PY) -m maskx_jax.demo --workdir runs/demo
