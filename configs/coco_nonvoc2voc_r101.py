@@ -1,5 +1,5 @@
 """non-voc -> voc with ResNet-101-FPN."""
-from configs.coco_voc2nonvoc_r101 import get_config as _base
+from maskx_jax.configs.coco_voc2nonvoc_r101 import get_config as _base
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Oracle: ordinary Mask R-CNN with a class-specific mask head trained on masks of all 80 classes
 (set A = all): the upper bound the paper compares against."""
-from configs.coco_voc2nonvoc_r50 import get_config as _base
+from maskx_jax.configs.coco_voc2nonvoc_r50 import get_config as _base
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """Baseline for the voc -> non-voc split: class-agnostic mask head (one channel for all classes)."""
-from configs.coco_voc2nonvoc_r50 import get_config as _base
+from maskx_jax.configs.coco_voc2nonvoc_r50 import get_config as _base
 
 
 def get_config():

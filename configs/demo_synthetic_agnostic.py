@@ -1,6 +1,6 @@
 """Demo baseline: the class-agnostic mask head (one mask channel for every class), otherwise
 identical to ``demo_synthetic.py`` (same data, set A, schedule)."""
-from configs.demo_synthetic import get_config as _maskx
+from maskx_jax.configs.demo_synthetic import get_config as _maskx
 
 
 def get_config():

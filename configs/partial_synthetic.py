@@ -10,7 +10,7 @@ The validation split keeps every mask.
 
     python train.py --config configs/partial_synthetic.py --workdir runs/partial
 """
-from configs.demo_synthetic import get_config as _demo
+from maskx_jax.configs.demo_synthetic import get_config as _demo
 
 # Fraction of each class's training instances that keep their mask (unlisted classes: all).
 MASK_FRACTION = "ring:0,hexagon:0,crescent:0,l_shape:0,star:0.5"

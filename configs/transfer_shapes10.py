@@ -5,9 +5,9 @@ README's primary result, and what ``make demo`` runs (seed 0, three arms, ``DEMO
 
     python -m maskx_jax.transfer_experiment --config configs/transfer_shapes10.py --workdir runs/transfer_shapes10
 """
-from configs.demo_synthetic import SET_A
-from configs.transfer_synthetic import DETECTOR_STEPS, MASK_STEPS, SEEDS  # noqa: F401  (the driver reads them)
-from configs.transfer_synthetic import get_config as _shapes24
+from maskx_jax.configs.demo_synthetic import SET_A
+from maskx_jax.configs.transfer_synthetic import DETECTOR_STEPS, MASK_STEPS, SEEDS  # noqa: F401  (the driver reads them)
+from maskx_jax.configs.transfer_synthetic import get_config as _shapes24
 from maskx_jax.data.synthetic_shapes import CLASS_NAMES
 
 SET_B = tuple(n for n in CLASS_NAMES if n not in SET_A.split(","))  # ring, hexagon, crescent, l_shape

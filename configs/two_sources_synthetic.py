@@ -16,7 +16,7 @@ For real data, point the box source at a box-only COCO JSON (or tfds ``coco/2017
 
     python train.py --config configs/two_sources_synthetic.py --workdir runs/two_sources
 """
-from configs.demo_synthetic import get_config as _demo
+from maskx_jax.configs.demo_synthetic import get_config as _demo
 
 
 def get_config():

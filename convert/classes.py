@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.mapping import ConversionError
+from .mapping import ConversionError
 from maskx_jax.data.classes import COCO_CATEGORIES
 
 # torch key suffix -> rows per class

@@ -27,9 +27,9 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from convert.classes import parse_classes, select_classes
-from convert.mapping import ConversionError, path_to_dotted, torch_to_flax, torchvision_key
-from convert.torch_io import load_state_dict
+from .classes import parse_classes, select_classes
+from .mapping import ConversionError, path_to_dotted, torch_to_flax, torchvision_key
+from .torch_io import load_state_dict
 from maskx_jax.checkpoint import config_to_json, save_detector, save_flat, save_resnet
 from maskx_jax.detector import DetectorConfig, MaskRCNN
 from maskx_jax.optim import FREEZE_GROUPS

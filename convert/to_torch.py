@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.mapping import flax_to_torch
-from convert.torch_io import save_state_dict
+from .mapping import flax_to_torch
+from .torch_io import save_state_dict
 from maskx_jax import integrity
 from maskx_jax.checkpoint import detector_config_from_json, load_flat, read_meta
 from maskx_jax.detector import DetectorConfig
@@ -113,7 +113,7 @@ def verify_in_torchvision(state: dict[str, np.ndarray], spec: dict[str, Any]) ->
 
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
     if spec["kind"] in ("detector", "box_detector"):
-        from convert.torch_models import build_detector, stock_builder
+        from .torch_models import build_detector, stock_builder
 
         model = build_detector(spec["detector"], min_size=spec["min_size"], max_size=spec["max_size"])
         model.load_state_dict(tensors, strict=True)
@@ -136,7 +136,7 @@ def verify_in_torchvision(state: dict[str, np.ndarray], spec: dict[str, Any]) ->
 
 def write_export(state: dict[str, np.ndarray], spec: dict[str, Any], output: str) -> None:
     """The state dict, and for a detector ``<output>.json`` (written first, each renamed into place)."""
-    from convert.torch_models import SPEC_SUFFIX
+    from .torch_models import SPEC_SUFFIX
 
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if spec["kind"] != "resnet":

@@ -3,7 +3,7 @@
 ``convert.to_torch`` writes a state dict and, beside it, ``<file>.json`` with the detector's configuration;
 :func:`load_exported` builds the matching torchvision model and loads the file with ``strict=True``::
 
-    from convert.torch_models import load_exported
+    from maskx_jax.convert.torch_models import load_exported
     model = load_exported("model.pth")          # a torchvision MaskRCNN (or FasterRCNN), eval mode
     outputs = model([image_chw_float_0_1])      # torchvision's usual inference
 
@@ -140,7 +140,7 @@ def load_exported(path: str, *, verify: bool = True) -> nn.Module:
     Raises:
       maskx_jax.integrity.CorruptCheckpointError: a tensor of the file differs from what was exported, named.
     """
-    from convert.torch_io import load_state_dict
+    from .torch_io import load_state_dict
     from maskx_jax import integrity
 
     spec_path = path + SPEC_SUFFIX

@@ -47,7 +47,7 @@ def results_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_module = importlib.import_module("configs.transfer_shapes10")
+    config_module = importlib.import_module("maskx_jax.configs.transfer_shapes10")
     p = argparse.ArgumentParser(prog="python -m maskx_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--detector-steps", type=int, default=config_module.DEMO_DETECTOR_STEPS)

@@ -66,7 +66,7 @@ def test_mask_branch_cost_does_not_grow_with_classes():
 
 
 def test_vg3k_config_builds_3000_class_maskx():
-    from configs.vg3k_maskx import NUM_CLASSES, get_config
+    from maskx_jax.configs.vg3k_maskx import NUM_CLASSES, get_config
     from maskx_jax import config as config_lib
     from maskx_jax.data.classes import COCO_CATEGORIES, parse_set_a
     from maskx_jax.model_builder import build_model

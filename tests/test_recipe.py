@@ -132,13 +132,13 @@ def test_recipes_set_every_key_and_are_recognised():
                                   "coco_nonvoc2voc_r101", "coco_voc2nonvoc_r50_agnostic", "coco_oracle_r50",
                                   "vg3k_boxes", "vg3k_maskx"])
 def test_paper_configs_use_the_detectron_recipe(name):
-    c = importlib.import_module(f"configs.{name}").get_config()
+    c = importlib.import_module(f"maskx_jax.configs.{name}").get_config()
     assert config_lib.recipe_of(c) == "detectron"
 
 
 @pytest.mark.parametrize("name", ["coco_voc2nonvoc_r101", "coco_nonvoc2voc_r101"])
 def test_r101_configs_follow_the_reference_schedule(name):
-    t = importlib.import_module(f"configs.{name}").get_config().train
+    t = importlib.import_module(f"maskx_jax.configs.{name}").get_config().train
     assert (t.batch_size, t.lr, t.steps, tuple(t.lr_steps)) == (8, 0.01, 180000, (120000, 160000))
 
 
