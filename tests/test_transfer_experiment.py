@@ -16,6 +16,10 @@ from PIL import Image
 from maskx_jax import transfer_report, workdir as workdir_lib
 from maskx_jax.transfer_experiment import ARMS, Protocol, main as experiment_main, run_experiment
 
+# The module fixture trains 14 toy runs (~4 minutes on a quiet 2-core machine) inside the first test's time
+# limit; on a shared machine it took more than pytest's 900 s, so this file gets twice that.
+pytestmark = pytest.mark.timeout(1800)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "transfer_shapes10.py")  # what make demo runs too
 # A toy-sized model and data on top of the experiment's config (the schedule comes from the protocol).
