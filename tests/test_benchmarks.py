@@ -87,3 +87,17 @@ def test_conv_layers_lists_the_steps_convolutions_and_times_both_frameworks(tmp_
     table = (tmp_path / "conv_layers.md").read_text()
     assert "**64x64, batch 2**" in table and "| 3x3/2 128->128 at 16x16 | 1 |" in table
     assert "| 3x3 256->256 at 16x16 (RPN) | 1 |" in table
+
+
+def test_input_pipeline_benchmark_writes_its_rows(tmp_path):
+    """One minicoco batch with one worker: the row has the fields issue 20's table needs."""
+    from tests import resources
+
+    resources.minicoco()  # the shared photos (a clear skip, or a failure under CI, when absent)
+    proc = _run(["benchmarks/input_pipeline.py", "--datasets", "minicoco", "--workers", "1", "--batches", "1"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "input_pipeline.json").read_text())["rows"]
+    assert (row["dataset"], row["workers"]) == ("minicoco", 1)
+    assert row["images_per_s"] > 0 and row["cpu_s_per_image"] > 0 and row["rss_mib"] > 100
+    assert "| minicoco | 1 |" in (tmp_path / "input_pipeline.md").read_text()
