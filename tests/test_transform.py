@@ -154,3 +154,18 @@ def test_resize_boxes_matches_torchvision():
     got_jax = jax.jit(transform.resize_boxes)(jnp.asarray(boxes), jnp.asarray(image_sizes), jnp.asarray(original_sizes))
     assert isinstance(got_jax, jax.Array)
     np.testing.assert_array_equal(np.asarray(got_jax), ref)
+
+
+@pytest.mark.parametrize("hw, out_hw", [((480, 640), (800, 1066)), ((1000, 700), (512, 358)), ((37, 53), (64, 91)),
+                                        ((5, 1), (9, 2))])
+def test_bilinear_resize_is_the_plain_two_pass_formula_bitwise(hw, out_hw):
+    """The in-place implementation rounds exactly as ``a * w0 + b * w1`` per pass (width, then height)."""
+    rng = np.random.default_rng(sum(hw))
+    img = transform.normalize(rng.random((*hw, 3), dtype=np.float32))
+    y0, y1, hy0, hy1 = transform._bilinear_axis(hw[0], out_hw[0])
+    x0, x1, wx0, wx1 = transform._bilinear_axis(hw[1], out_hw[1])
+    rows = img[:, x0] * wx0[None, :, None] + img[:, x1] * wx1[None, :, None]
+    ref = rows[y0] * hy0[:, None, None] + rows[y1] * hy1[:, None, None]
+    got = transform.bilinear_resize(img, *out_hw)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
