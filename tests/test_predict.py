@@ -278,7 +278,7 @@ def test_config_overrides(converted, tmp_path):
     assert max(np.unique([r["image_id"] for r in results], return_counts=True)[1], default=0) <= 3
 
 
-def test_package_version_and_console_scripts():
+def test_package_version_and_console_scripts(tmp_path):
     import importlib.metadata as md
 
     import maskx_jax
@@ -287,11 +287,12 @@ def test_package_version_and_console_scripts():
     scripts = {e.name: e.value for e in md.entry_points(group="console_scripts") if e.name.startswith("maskx-")}
     assert scripts == {"maskx-train": "maskx_jax.train_cli:run", "maskx-predict": "maskx_jax.predict:main",
                        "maskx-evaluate": "maskx_jax.evaluate_cli:main",
-                       "maskx-convert": "convert.from_torch:main", "maskx-export": "convert.to_torch:main",
+                       "maskx-convert": "maskx_jax.convert.from_torch:main",
+                       "maskx-export": "maskx_jax.convert.to_torch:main",
                        "maskx-transfer-experiment": "maskx_jax.transfer_experiment:main"}
-    for name in scripts:  # installed beside python, and each answers --help
+    for name in scripts:  # installed beside python, and each answers --help, from outside the checkout too
         exe = os.path.join(os.path.dirname(sys.executable), name)
-        proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
         # absl (maskx-train) exits 1 after printing its usage; argparse exits 0
         assert proc.returncode == (1 if name == "maskx-train" else 0), (name, proc.stderr[-2000:])
         assert "usage" in (proc.stdout + proc.stderr).lower(), (name, proc.stdout[-2000:])
