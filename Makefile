@@ -37,7 +37,7 @@ demo: $(STAMP)
 # maskx_jax vs torchvision (speed, compile, memory, FLOPs), the large-vocabulary mask branch, then the
 # training step's convolutions one by one, the host input pipeline alone. Tables: benchmarks/results/*.md.
 # Measure on a quiet machine:
-# every figure is a wall-clock median.
+# every figure is a wall-clock measurement.
 # Every benchmark process gets glibc's transparent-huge-page advice (benchmarks/common.py says why).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 
