@@ -114,14 +114,19 @@ def tiny_detector():
     return model
 
 
+# Two sizes whose extents are odd multiples of 32 (96 and 160 rows: P6 anchors 48 and 53 apart), each compiled
+# alone too: the five-size comparison against torchvision itself is in test_detector_parity.py.
+DETECTION_SIZES = [(70, 100), (160, 97)]
+
+
 def test_detections_on_a_canvas_equal_detections_on_the_own_tensor(tiny_detector):
-    """The whole predict: a batch of four sizes on one canvas == each image alone on its rounded-up tensor."""
+    """The whole predict: a batch of two sizes on one canvas == each image alone on its rounded-up tensor."""
     rng = np.random.default_rng(5)
-    imgs = [_image(rng, h, w) for h, w in SIZES]
-    sizes = np.array(SIZES, np.int32)
+    imgs = [_image(rng, h, w) for h, w in DETECTION_SIZES]
+    sizes = np.array(DETECTION_SIZES, np.int32)
     predict = make_predict_fn(tiny_detector)
     det = jax.device_get(predict(np.concatenate([_on_canvas(im, CANVAS) for im in imgs]), sizes))
-    for i in range(len(SIZES)):
+    for i in range(len(DETECTION_SIZES)):
         eh, ew = (int(v) for v in padded_extent(sizes[i]))
         ref = jax.device_get(predict(_on_canvas(imgs[i], (eh, ew)), sizes[i:i + 1]))
         v = ref.valid[0]
