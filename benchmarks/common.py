@@ -60,6 +60,13 @@ def write_results(out_dir: str, name: str, data: Any, table: str) -> tuple[str, 
     return paths
 
 
+def write_rows(out_dir: str, name: str, rows: list[dict], markdown: Callable[[dict], str]) -> int:
+    """``{"environment", "rows"}`` through :func:`write_results`; the exit status: 1 if a row holds an error."""
+    result = {"environment": environment(), "rows": rows}
+    write_results(out_dir, name, result, markdown(result))
+    return 1 if any("error" in r for r in rows) else 0
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, environment, with_hugepages, write_results
+from benchmarks.common import ROOT, with_hugepages, write_rows
 from benchmarks.run import run_case
 
 
@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_case(spec, args.timeout)
                     rows.append(row)
                     print(row.get("error") or f"{row['images_per_s']:.3f} images/s", flush=True)
-    result = {"environment": environment(), "rows": rows}
-    write_results(args.out, "exact_canvas", result, markdown(result))
-    print(markdown(result))
-    return 1 if any("error" in r for r in rows) else 0
+    return write_rows(args.out, "exact_canvas", rows, markdown)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, environment, write_results
+from benchmarks.common import ROOT, write_rows
 
 MINICOCO = os.path.join(os.path.dirname(ROOT), "shared", "data", "minicoco")
 BATCH = 8
@@ -118,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append(json.loads(lines[-1]))
             print(f"{rows[-1]['images_per_s']:.1f} images/s", flush=True)
-    result = {"environment": environment(), "rows": rows}
-    write_results(args.out, "input_pipeline", result, markdown(result))
-    print(markdown(result))
-    return 1 if any("error" in r for r in rows) else 0
+    return write_rows(args.out, "input_pipeline", rows, markdown)
 
 
 if __name__ == "__main__":
