@@ -81,7 +81,7 @@ def export_state_dict(directory: str, step: int | None = None, *, verify: bool =
         from maskx_jax.model_builder import detector_config
 
         flat, found = workdir_lib.load_variables(directory, step, verify=verify)
-        config = workdir_lib.read_config(found["workdir"])
+        config = found["config"]
         cfg = detector_config(config, found["num_classes"])
         kind = "box_detector" if cfg.mask_mode == "none" else "detector"
         sizes = dict(min_size=int(config.data.min_size), max_size=int(config.data.max_size))

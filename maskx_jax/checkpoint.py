@@ -32,7 +32,7 @@ from flax import nnx
 from maskx_jax import integrity
 from maskx_jax.detector import DetectorConfig, MaskRCNN
 from maskx_jax.resnet import ResNet
-from maskx_jax.state_utils import Path, abstract_module, flat_arrays, flat_shapes, from_flat
+from maskx_jax.state_utils import Path, abstract_module, flat_arrays, flat_shapes, from_flat, path_name
 
 META_FILE = "maskx_meta.json"
 PARAMS_DIR = "params"
@@ -111,7 +111,7 @@ def save_flat(directory: str, flat: Mapping[Path, np.ndarray], meta: Mapping[str
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), _nest(flat))
         ckptr.wait_until_finished()
-        recorded = integrity.digests({_dotted(p): a for p, a in flat.items()})
+        recorded = integrity.digests({path_name(p): a for p, a in flat.items()})
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"format": FORMAT_VERSION, **meta, integrity.KEY: recorded}, f, indent=2, sort_keys=True)
         if os.path.exists(directory):
@@ -138,10 +138,6 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def _dotted(path: Path) -> str:
-    return ".".join(map(str, path))
-
-
 def load_flat(directory: str, *, verify: bool = True) -> dict[Path, np.ndarray]:
     """Every saved array by variable path, each checked against its recorded content hash.
 
@@ -158,7 +154,7 @@ def load_flat(directory: str, *, verify: bool = True) -> dict[Path, np.ndarray]:
         raise integrity.read_error(e, directory) from None
     flat = _flatten(restored)
     recorded = read_meta(directory).get(integrity.KEY)
-    integrity.check({_dotted(p): a for p, a in flat.items()}, recorded, directory, verify=verify)
+    integrity.check({path_name(p): a for p, a in flat.items()}, recorded, directory, verify=verify)
     return flat
 
 

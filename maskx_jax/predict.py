@@ -12,11 +12,11 @@ Checkpoints. A directory holding ``maskx_meta.json`` is a converted detector che
 (:mod:`maskx_jax.checkpoint`): the architecture is the ``DetectorConfig`` stored in it and
 ``--config`` is optional (it then only supplies sizes, the score threshold and class names). A
 directory holding ``config.json`` and ``checkpoints/`` is a training work directory
-(:mod:`maskx_jax.train_lib`): the model is restored with train_lib's own restore path
-(``Trainer`` + ``restore_state``) from the latest checkpoint (``--step`` or a
-``WORKDIR/checkpoints/<step>`` path picks another); the config is ``--config`` when given (checked
-against the work directory's: an architecture difference is refused), else the saved
-``config.json``.
+(:mod:`maskx_jax.workdir`): the model's variables alone are read from the latest checkpoint (``--step`` or a
+``WORKDIR/checkpoints/<step>`` path picks another; no optimiser or trainer is built), checked against their
+recorded content hashes and against the model; the config is ``--config`` when given (checked against the
+work directory's: an architecture difference is refused), else the saved ``config.json``. A work directory's
+model predicts data-parallel over every device (``--batch-size`` defaults to the device count).
 
 Class names: ``--class-names FILE`` (one name per line, K foreground names or K+1 with the
 background first) wins; else a work directory's dataset (``DatasetInfo``, which also tells the
@@ -232,7 +232,7 @@ def load_converted_detector(directory: str, *, verify: bool = True):
 
 def _dataset_info(config):
     """The dataset's ``DatasetInfo`` (class names, set B), or None with a warning when it cannot be read."""
-    from maskx_jax.train_lib import load_datasets
+    from maskx_jax.train.datasets import load_datasets
 
     try:
         return load_datasets(config)
@@ -246,7 +246,7 @@ def _inference_overrides(cfg: Any, overrides: Sequence[tuple[str, str]]) -> dict
     """{DetectorConfig field: value} for the ``model.*`` inference-only keys among ``overrides``."""
     import ast
 
-    from maskx_jax.train_lib import INFERENCE_ONLY_MODEL_KEYS
+    from maskx_jax.train.config_checks import INFERENCE_ONLY_MODEL_KEYS
 
     out = {}
     for key, text in overrides:
@@ -278,7 +278,7 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
         config_lib.apply_overrides(config, overrides)
     elif overrides and workdir_lib.find_workdir(checkpoint) is None:
         # A converted checkpoint fixes the architecture; its inference settings may still change.
-        from maskx_jax.train_lib import INFERENCE_ONLY_MODEL_KEYS
+        from maskx_jax.train.config_checks import INFERENCE_ONLY_MODEL_KEYS
 
         fixed = [k for k, _ in overrides if k not in INFERENCE_ONLY_MODEL_KEYS]
         if fixed:
@@ -317,38 +317,27 @@ def load_predictor(checkpoint: str, *, config_path: str | None = None, step: int
         if class_names is None and class_names_file is None and num_classes == 91:
             class_names = torchvision_coco_names()  # torchvision's COCO label space: label = category id
     elif workdir is not None:
-        from maskx_jax import train_lib
+        from maskx_jax.parallel_predict import model_predict_fn
+        from maskx_jax.train import config_checks
+        from maskx_jax.train.distributed import create_mesh
 
         workdir, path_step = workdir
         step = path_step if step is None else step
         if config is None:
-            with open(os.path.join(workdir, train_lib.CONFIG_FILE)) as f:
-                config = workdir_lib.config_from_saved(json.load(f))
+            config = workdir_lib.read_config(workdir)
             config_lib.apply_overrides(config, overrides)
         else:
-            train_lib.check_resume_config(workdir, config)  # refuses another architecture, with a diff
-        manager = train_lib.make_checkpoint_manager(workdir, config)
-        try:
-            steps = manager.all_steps()
-            if not steps:
-                raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, train_lib.CHECKPOINT_DIR)}")
-            if step is None:
-                step = manager.latest_step()
-            elif step not in steps:
-                raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (steps: {sorted(steps)})")
-            info = _dataset_info(config) if class_names_file is None else None
-            num_classes = workdir_lib.num_classes_in_checkpoint(
-                os.path.join(workdir, train_lib.CHECKPOINT_DIR, str(step)))
-            if info is not None and info.num_classes == num_classes:
-                class_names, cat_ids, set_b = info.class_names, dict(info.contiguous_to_cat_id), tuple(info.set_b_ids)
-            elif info is not None:
-                log.warning("the dataset has %d classes, the checkpoint %d: not using its names",
-                            info.num_classes - 1, num_classes - 1)
-            trainer = train_lib.Trainer(config, num_classes)
-            state = train_lib.restore_state(manager, trainer, step, verify=verify)
-        finally:
-            manager.close()
-        predict_fn = trainer.make_predict_fn(state)
+            config_checks.check_resume_config(workdir, config)  # refuses another architecture, with a diff
+        # The weights alone (no optimiser, no trainer), checked against their recorded hashes and the model.
+        model, meta = workdir_lib.load_model(workdir, step, config=config, verify=verify)
+        step, num_classes = meta["step"], meta["num_classes"]
+        info = _dataset_info(config) if class_names_file is None else None
+        if info is not None and info.num_classes == num_classes:
+            class_names, cat_ids, set_b = info.class_names, dict(info.contiguous_to_cat_id), tuple(info.set_b_ids)
+        elif info is not None:
+            log.warning("the dataset has %d classes, the checkpoint %d: not using its names",
+                        info.num_classes - 1, num_classes - 1)
+        predict_fn = model_predict_fn(model, create_mesh())
         kind = "workdir"
         description = (f"{workdir} step {step} (R-{config.model.depth}-FPN, {num_classes - 1} classes, "
                        f"mask_mode={config.model.mask_mode})")

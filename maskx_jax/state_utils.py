@@ -20,6 +20,18 @@ Path = tuple
 M = TypeVar("M", bound=nnx.Module)
 
 
+def path_name(path: Path) -> str:
+    """The dotted name of a variable path, ``('backbone', 'body', 'layer1', 0, 'conv1', 'kernel')`` ->
+    ``'backbone.body.layer1.0.conv1.kernel'``: the one spelling used in reports, checkpoints' hash records and
+    conversion."""
+    return ".".join(map(str, path))
+
+
+def name_path(name: str) -> Path:
+    """Inverse of :func:`path_name`: digit components are sequence indices (no attribute name is all digits)."""
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
 def flat_variables(module: nnx.Module) -> dict[Path, nnx.Variable]:
     """Every variable (parameters and frozen buffers) of ``module`` by path."""
     return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(module))}
@@ -45,7 +57,7 @@ def abstract_module(build: Callable[[], M]) -> M:
 
 def _fit_error(shapes: Mapping[Path, tuple], flat: Mapping[Path, np.ndarray]) -> str | None:
     """The message naming every missing / unexpected / mis-shaped variable, or None when ``flat`` fits."""
-    name = lambda p: ".".join(map(str, p))
+    name = path_name
     missing = sorted(name(p) for p in shapes if p not in flat)
     unexpected = sorted(name(p) for p in flat if p not in shapes)
     bad = [f"{name(p)}: got {tuple(np.shape(a))}, expected {tuple(shapes[p])}"

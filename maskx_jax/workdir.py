@@ -1,6 +1,6 @@
 """Reading a training work directory (``train.py --workdir``): its config, its checkpoints, its weights.
 
-Layout (written by ``train_lib``)::
+Layout (written by ``train.py``, see :mod:`maskx_jax.train.layout`)::
 
     WORKDIR/config.json              the run's full config
     WORKDIR/checkpoints/<step>/      orbax checkpoints of the TrainState (params, opt_state, rest, ...)
@@ -33,7 +33,7 @@ def config_from_saved(saved: Mapping) -> Any:
 
     Keys this version does not know are ignored (with a warning)."""
     from maskx_jax import config as config_lib
-    from maskx_jax.train_lib import flat_config
+    from maskx_jax.train.config_checks import flat_config
 
     config = config_lib.base_config()
     unknown = []
@@ -55,7 +55,7 @@ def config_from_saved(saved: Mapping) -> Any:
 
 def read_config(workdir: str) -> Any:
     """:func:`config_from_saved` of ``WORKDIR/config.json``."""
-    from maskx_jax.train_lib import CONFIG_FILE
+    from maskx_jax.train.layout import CONFIG_FILE
 
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
         return config_from_saved(json.load(f))
@@ -63,7 +63,7 @@ def read_config(workdir: str) -> Any:
 
 def find_workdir(path: str) -> tuple[str, int | None] | None:
     """(workdir, step or None) when ``path`` is a work directory or ``WORKDIR/checkpoints/<step>``."""
-    from maskx_jax.train_lib import CHECKPOINT_DIR, CONFIG_FILE
+    from maskx_jax.train.layout import CHECKPOINT_DIR, CONFIG_FILE
 
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
@@ -73,6 +73,9 @@ def find_workdir(path: str) -> tuple[str, int | None] | None:
             and os.path.isfile(os.path.join(os.path.dirname(parent), CONFIG_FILE))):
         return os.path.dirname(parent), int(os.path.basename(path))
     return None
+
+
+CLASS_COUNT_VARIABLE = "roi_heads.box_predictor.cls_score.bias"  # [K+1]: the class count of a detector
 
 
 def num_classes_in_checkpoint(step_dir: str) -> int:
@@ -94,8 +97,28 @@ def num_classes_in_checkpoint(step_dir: str) -> int:
     return int(node.shape[0])
 
 
+def _checkpoint_step(workdir: str, config: Any, step: int | None) -> int:
+    """``step`` if ``WORKDIR/checkpoints`` holds it (default: the latest complete one), else FileNotFoundError."""
+    from maskx_jax.train.checkpointing import make_checkpoint_manager
+    from maskx_jax.train.layout import CHECKPOINT_DIR
+
+    manager = make_checkpoint_manager(workdir, config)
+    try:
+        steps = manager.all_steps()
+    finally:
+        manager.close()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
+    if step is None:
+        return int(max(steps))
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (steps: {sorted(steps)})")
+    return int(step)
+
+
 def load_variables(path: str, step: int | None = None, *, verify: bool = True) -> tuple[dict[tuple, np.ndarray], dict]:
-    """Every model variable of a work directory's checkpoint, by NNX path, as host arrays.
+    """Every model variable of a work directory's checkpoint, by NNX path, as host arrays: no model, optimiser
+    or mesh is built (:func:`maskx_jax.train.checkpointing.restore_variables`).
 
     Args:
       path: a work directory or ``WORKDIR/checkpoints/<step>``.
@@ -103,40 +126,48 @@ def load_variables(path: str, step: int | None = None, *, verify: bool = True) -
       verify: check the arrays against the content hashes saved with them (``False``: skipped, logged).
     Returns:
       ({path: array} of the trainable and the fixed variables alike (no optimiser state),
-      {"workdir", "step", "mask_mode", "num_classes"}).
+      {"workdir", "step", "mask_mode", "num_classes", "config"} (``config``: the run's saved config)).
     Raises:
       FileNotFoundError: ``path`` is no work directory, or holds no such checkpoint.
+      integrity.CorruptCheckpointError: the checkpoint's arrays are not the ones that were saved.
     """
-    import jax
-
-    from maskx_jax import train_lib
-    from maskx_jax.state_utils import variable_path
+    from maskx_jax.state_utils import name_path
+    from maskx_jax.train.checkpointing import make_checkpoint_manager, restore_variables
 
     found = find_workdir(path)
     if found is None:
         raise FileNotFoundError(f"{path} is not a training work directory (config.json + checkpoints/)")
     workdir, path_step = found
-    step = path_step if step is None else step
     config = read_config(workdir)
-    manager = train_lib.make_checkpoint_manager(workdir, config)
+    step = _checkpoint_step(workdir, config, path_step if step is None else step)
+    manager = make_checkpoint_manager(workdir, config)
     try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, train_lib.CHECKPOINT_DIR)}")
-        if step is None:
-            step = manager.latest_step()
-        elif step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (steps: {sorted(steps)})")
-        num_classes = num_classes_in_checkpoint(os.path.join(workdir, train_lib.CHECKPOINT_DIR, str(step)))
-        trainer = train_lib.Trainer(config, num_classes)
-        state = train_lib.restore_state(manager, trainer, step, verify=verify)
+        named = restore_variables(manager, step, verify=verify)
     finally:
         manager.close()
-    flat: dict[tuple, np.ndarray] = {}
-    for tree in (state.params, state.rest):
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        for key_path, leaf in leaves:
-            flat[variable_path(key_path)] = np.asarray(jax.device_get(leaf))
+    flat = {name_path(name): array for name, array in named.items()}
+    num_classes = int(named[CLASS_COUNT_VARIABLE].shape[0])
     meta = {"workdir": workdir, "step": int(step), "mask_mode": str(config.model.mask_mode),
-            "num_classes": int(num_classes)}
+            "num_classes": num_classes, "config": config}
     return flat, meta
+
+
+def load_model(path: str, step: int | None = None, *, config: Any = None, verify: bool = True) -> tuple[Any, dict]:
+    """The detector of a work directory's checkpoint, ready for inference (nothing trained or initialised).
+
+    ``config``: build it from this config instead of the run's own (its architecture must match, e.g. another
+    ``box_score_thresh``). Returns (``MaskRCNN``, :func:`load_variables`'s meta).
+    Raises:
+      ValueError: the checkpoint's variables do not fit the model the config builds (each misfit named).
+    """
+    from maskx_jax.model_builder import build_model
+    from maskx_jax.state_utils import abstract_module, from_flat
+
+    flat, meta = load_variables(path, step, verify=verify)
+    config = meta["config"] if config is None else config
+    abstract = abstract_module(lambda: build_model(config, meta["num_classes"]))
+    try:
+        model = from_flat(abstract, flat)
+    except ValueError as e:
+        raise ValueError(f"{meta['workdir']} step {meta['step']}: {e}") from None
+    return model, meta

@@ -27,6 +27,7 @@ from maskx_jax import integrity, predict, train_lib
 from maskx_jax.checkpoint import META_FILE, load_detector, load_flat, save_detector, save_flat
 from maskx_jax.detector import MaskRCNN
 from maskx_jax.state_utils import flat_arrays
+from maskx_jax.train import checkpointing
 from tests.model_utils import tiny_config
 
 
@@ -159,6 +160,14 @@ def _bitwise(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
+def _variables(workdir, step):
+    manager = train_lib.make_checkpoint_manager(str(workdir), F.stand_in_config())
+    try:
+        return checkpointing.restore_variables(manager, step)
+    finally:
+        manager.close()
+
+
 def _restore(workdir, trainer, step, verify=True):
     manager = train_lib.make_checkpoint_manager(str(workdir), F.stand_in_config())
     try:
@@ -176,6 +185,8 @@ def test_damaged_training_checkpoint_is_refused_and_resume_falls_back(tmp_path, 
         _restore(tmp_path / "run", trainer, 4)
     msg = str(err.value)
     assert os.path.join("checkpoints", "4") in msg and any(f"{part}." in msg for part in ("params", "opt_state"))
+    with pytest.raises(integrity.CorruptCheckpointError, match=os.path.join("checkpoints", "4")):
+        _variables(tmp_path / "run", 4)  # the weights-only read (predict, export, init_checkpoint) refuses it too
     # resume: checkpoint 4 is said to be damaged and moved aside, training continues from 2, and ends
     # bitwise where the uninterrupted run ends
     resumed = _train(tmp_path / "run", trainer, 6)
@@ -184,6 +195,13 @@ def test_damaged_training_checkpoint_is_refused_and_resume_falls_back(tmp_path, 
     assert len(moved) == 1 and moved[0].startswith("4-")
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4", "6"]
     _bitwise(_restore(tmp_path / "straight", trainer, 4), _restore(tmp_path / "run", trainer, 4))
+    # the weights-only read gives the restored state's variables, bitwise, by name
+    state = _restore(tmp_path / "run", trainer, 6)
+    named = checkpointing._named_leaves({"params": state.params, "rest": state.rest})
+    variables = _variables(tmp_path / "run", 6)
+    assert sorted(variables) == sorted(k.partition(".")[2] for k in named) and "big" in variables
+    for name, leaf in named.items():
+        np.testing.assert_array_equal(variables[name.partition(".")[2]], np.asarray(leaf))
 
 
 def test_no_intact_checkpoint_stops_without_training(tmp_path, trainer):

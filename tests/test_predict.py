@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -191,17 +192,18 @@ def _make_workdir(tmp_path):
     train_lib.write_config(wd, cfg)
     trainer = train_lib.Trainer(cfg, info.num_classes)
     manager = train_lib.make_checkpoint_manager(wd, cfg)
-    train_lib.save_state(manager, trainer.init_state(), 0)
+    state = trainer.init_state()
+    train_lib.save_state(manager, state, 0)
     manager.wait_until_finished()
     manager.close()
     config_file = tmp_path / "tiny_config.py"
     config_file.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nimport train_fixtures as F\n\n\n"
                            f"def get_config():\n    return F.tiny_config({data!r})\n")
-    return wd, str(config_file), info
+    return wd, str(config_file), info, trainer.make_predict_fn(state)
 
 
-def test_workdir_cli(tmp_path):
-    wd, config_file, info = _make_workdir(tmp_path)
+def test_workdir_cli(tmp_path, monkeypatch):
+    wd, config_file, info, trainer_predict = _make_workdir(tmp_path)
     expected = _image_dir(tmp_path / "images")
     # the saved config.json; class names and set B from the dataset
     out = tmp_path / "out"
@@ -224,6 +226,22 @@ def test_workdir_cli(tmp_path):
     assert code == 1 and not (out3 / predict.RESULTS_FILE).exists()
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
         predict.load_predictor(wd, step=7)
+
+    # Predicting reads the weights alone: no trainer (optimiser, training mesh policy) is built, and the
+    # detections are bitwise those of the trainer's own predict on the state that was saved.
+    from maskx_jax.train import trainer as trainer_lib
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("predict built a Trainer")
+
+    monkeypatch.setattr(trainer_lib.Trainer, "__init__", no_trainer)
+    p = predict.load_predictor(wd)
+    images, sizes, _ = predict.prepare_images([np.asarray(Image.open(tmp_path / "images" / "a_rgb.png"))] * 2,
+                                              p.min_size, p.max_size, p.pad)
+    ours, theirs = p.predict_fn(images, sizes), trainer_predict(images, sizes)
+    assert np.asarray(ours.scores).size and np.asarray(ours.valid).any()
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_exif_orientation_is_applied_to_photos(tmp_path):

@@ -150,6 +150,43 @@ def restore_state(manager: ocp.CheckpointManager, trainer: Trainer, step: int | 
     return state
 
 
+MODEL_PARTS = ("params", "rest")  # the TrainState fields that hold model variables (the rest is optimiser/counters)
+
+
+def restore_variables(manager: ocp.CheckpointManager, step: int, *, verify: bool = True) -> dict[str, np.ndarray]:
+    """The model variables of checkpoint ``step`` as host NumPy arrays by dotted name
+    (``'backbone.body.conv1.kernel'``, trainable and fixed alike), for inference or as another run's start.
+
+    Needs no model, optimiser or mesh: the arrays are read as the checkpoint's metadata describes them. The
+    whole checkpoint is read (optimiser state included) so that every recorded content hash is checked, as a
+    training restore checks them; whether the variables fit a model is the caller's check
+    (:func:`maskx_jax.state_utils.from_flat` names every misfit).
+
+    Raises:
+      integrity.CorruptCheckpointError: an array differs from what was saved or cannot be read, named.
+    """
+    where = os.path.join(str(manager.directory), str(step))
+    try:
+        from etils import epath
+
+        item = os.path.join(where, "default")
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(item))
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+        tree = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax re-raises tensorstore's read errors as a bare Exception
+        raise integrity.read_error(e, where) from None
+    named = _named_leaves(tree)
+    integrity.check(named, recorded_digests(manager, step) if verify else None, where, verify=verify)
+    out = {}
+    for name, array in named.items():
+        part, _, variable = name.partition(".")
+        if part in MODEL_PARTS:
+            out[variable] = np.asarray(array)
+    return out
+
+
 def save_state(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
     """Save ``state`` as checkpoint ``step``, with every array's content hash in the same atomic write (the
     loop's one save call: tests replace it to inject faults).

@@ -11,15 +11,11 @@ import numpy as np
 from absl import logging
 
 from maskx_jax.optim import is_frozen, parse_freeze
-from maskx_jax.state_utils import variable_path
+from maskx_jax.state_utils import path_name, variable_path
 from maskx_jax.train.config_checks import ConfigMismatchError
 from maskx_jax.train.layout import INIT_REPORT_FILE
 from maskx_jax.train.step import TrainState
 from maskx_jax.train.trainer import Trainer
-
-
-def _path_name(path: tuple) -> str:
-    return ".".join(map(str, path))
 
 
 class InitCheckpointError(ConfigMismatchError):
@@ -67,7 +63,7 @@ def load_init_checkpoint(trainer: Trainer, state: TrainState, directory: str) ->
 
     def fill(key_path, leaf):
         path = variable_path(key_path)
-        name = _path_name(path)
+        name = path_name(path)
         if path not in flat:
             not_loaded(path, name)
             return leaf
@@ -83,7 +79,7 @@ def load_init_checkpoint(trainer: Trainer, state: TrainState, directory: str) ->
 
     params = jax.tree_util.tree_map_with_path(fill, state.params)
     rest = jax.tree_util.tree_map_with_path(fill, state.rest)
-    report["unused"] = sorted(_path_name(p) for p in flat if p not in used)
+    report["unused"] = sorted(path_name(p) for p in flat if p not in used)
     # A fresh optimiser state: momentum buffers start at zero for the loaded values too.
     opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(params)
     return state.replace(params=params, rest=rest, opt_state=opt_state), report

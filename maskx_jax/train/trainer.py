@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -119,29 +118,9 @@ class Trainer:
     # ----------------------------------------------------------------------- inference
 
     def make_predict_fn(self, state: TrainState) -> Callable[[Any, Any], Detections]:
-        """``(images [B, H, W, 3], image_sizes [B, 2]) -> host NumPy Detections`` with ``state``'s weights.
+        """``(images [B, H, W, 3], image_sizes [B, 2]) -> host NumPy Detections`` with ``state``'s weights, data
+        parallel over the mesh (:func:`maskx_jax.parallel_predict.data_parallel`)."""
+        from maskx_jax.parallel_predict import data_parallel
 
-        Every process passes the *whole* evaluation batch; it is sharded over the mesh when B divides
-        evenly, replicated otherwise, and every process gets the whole result back.
-        """
         params, rest = state.params, state.rest
-        warned = []
-
-        def predict(images, image_sizes) -> Detections:
-            images = np.asarray(images, np.float32)
-            image_sizes = np.asarray(image_sizes, np.int32)
-            sharding = self.batch_sharding if images.shape[0] % self.mesh.size == 0 else self.replicated
-            if sharding is self.replicated and self.mesh.size > 1 and not warned:
-                warned.append(True)
-                logging.warning("eval batch of %d images does not split over %d devices: every device runs the whole "
-                                "batch (set eval.batch_size to a multiple of the device count)", images.shape[0],
-                                self.mesh.size)
-            put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-            det = self._predict(params, rest, put(images), put(image_sizes))
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                return multihost_utils.process_allgather(det, tiled=True)
-            return jax.device_get(det)
-
-        return predict
+        return data_parallel(lambda images, sizes: self._predict(params, rest, images, sizes), self.mesh)
