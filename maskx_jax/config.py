@@ -14,6 +14,7 @@ import ml_collections
 from maskx_jax import optim
 from maskx_jax.box_head import BOX_PREDICTOR_INITS
 from maskx_jax.conv import CONV_IMPLS
+from maskx_jax.detector_config import model_defaults
 
 MASK_MODES = ("class_specific", "class_agnostic", "transfer", "none")
 TRANSFER_INPUTS = ("cls", "box", "cls+box", "random")
@@ -30,59 +31,13 @@ UNMATCHED_POLICIES = ("error", "add")  # data.box_source_unmatched
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    c.model = m = ml_collections.ConfigDict()
-    m.depth = 50  # ResNet depth: 18, 34, 50, 101
-    m.norm = "frozen_bn"  # frozen_bn (pretrained backbones) | group_norm (trains from scratch)
-    m.norm_eps = 1e-5  # normalisation epsilon (0 for torchvision's legacy COCO v1 weights)
-    m.freeze_at = 2  # stop-gradient through the stem (1) and layer1 (2); 0 trains everything
-    m.fpn_channels = 256  # FPN output channels (P2..P6)
-    m.representation = 1024  # box head fc6/fc7 width
-    m.mask_head_channels = 256  # width of the 4 mask convs and conv5_mask
-    m.aligned = False  # RoIAlign pixel alignment (True = Detectron2's ROIAlignV2)
-    m.sampling_ratio = 2  # RoIAlign samples per bin side (>= 1: static shapes)
-    # Mask^X: how the per-class mask weights are produced
-    m.mask_mode = "transfer"  # class_specific (oracle Mask R-CNN) | class_agnostic | transfer | none (box-only)
-    m.transfer_input = "cls+box"  # cls | box | cls+box: which detection weights embed a class; random: a control
-    # (fixed N(0, 1) vectors per class instead of detection weights, the paper's Table 1a "random")
-    m.transfer_layers = 2  # tau depth: 1, 2 or 3 FC layers
-    m.transfer_hidden = 256  # tau hidden width (and the mask feature width it must match)
-    m.transfer_activation = "leaky_relu"  # leaky_relu (slope 0.1) | relu
-    m.stop_det_grad = True  # stop_gradient on the detection weights fed to tau
-    m.mlp_fusion = True  # add a class-agnostic FC mask prediction to every class's logits
-    # RPN
-    m.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))  # one tuple per level P2..P6
-    m.aspect_ratios = (0.5, 1.0, 2.0)  # anchor height/width ratios at every level
-    m.rpn_pre_nms_top_n_train = 2000  # proposals kept per level before NMS (training)
-    m.rpn_post_nms_top_n_train = 2000  # proposals kept per image after NMS (training)
-    m.rpn_pre_nms_top_n_test = 1000  # per level before NMS (inference)
-    m.rpn_post_nms_top_n_test = 1000  # per image after NMS (inference)
-    m.rpn_nms_thresh = 0.7  # RPN NMS IoU (applied per pyramid level)
-    m.rpn_fg_iou_thresh = 0.7  # anchor IoU >= this: foreground
-    m.rpn_bg_iou_thresh = 0.3  # anchor IoU < this: background (between: ignored)
-    m.rpn_batch_size_per_image = 256  # anchors sampled per image for the RPN losses
-    m.rpn_positive_fraction = 0.5  # at most this fraction of them positive
-    # RoI heads
-    m.roi_fg_iou_thresh = 0.5  # RoI IoU >= this: foreground, else background
-    m.roi_batch_size_per_image = 512  # RoIs sampled per image for the box/mask losses
-    m.roi_positive_fraction = 0.25  # at most this fraction of them positive
-    m.box_score_thresh = 0.05  # inference: drop detections scoring <= this
-    m.box_nms_thresh = 0.5  # inference: per-class NMS IoU
-    m.detections_per_img = 100  # inference: detections kept per image
-    m.max_mask_rois_per_image = 128  # static cap on positive RoIs that get a mask loss
-    # smaller mask-branch sizes picked when positives / detections are few (exact)
-    m.mask_slot_buckets = (8, 16, 32, 64)
-    m.box_roi_size = 7  # RoIAlign output for the box head
-    m.mask_roi_size = 14  # mask logits are 2x this (28x28)
-    # Training recipe: torchvision's values here; apply_recipe(c, "detectron") sets the paper's (see RECIPES)
-    m.box_predictor_init = "torch"  # torch: U(+-1/sqrt(rep)) | detectron: N(0, 0.01) / N(0, 0.001), zero biases
-    m.box_reg_beta = 1.0 / 9  # smooth-L1 beta of the Fast R-CNN box loss (the RPN's stays 1/9)
-    m.binarize_mask_targets = False  # mask targets thresholded at 0.5 (Detectron) instead of soft RoIAlign averages
-    m.dtype = "float32"  # compute dtype of convs/FCs: float32 | bfloat16 (params, boxes, NMS and losses stay float32)
-    # torchvision's per-image numbers on any canvas: features zero outside each image's size rounded up to 32,
-    # its own anchors, RoIAlign clamped to it (maskx_jax/canvas.py); False: only the canvas's border counts
-    m.exact_canvas = True
-    # convolutions: auto (the backend's fast paths; on CPU Winograd + canonical gradients) | canonical | xla
-    m.conv_impl = "auto"
+    # Every model key, its default and its meaning: maskx_jax/detector_config.py (one source, also read by
+    # model_builder). The experiment's model is Mask^X, the paper's best variant (tau on cls+box detection
+    # weights + MLP fusion); DetectorConfig's own default, which a converted torchvision checkpoint keeps, is
+    # torchvision's class-specific Mask R-CNN.
+    c.model = m = ml_collections.ConfigDict(model_defaults())
+    m.mask_mode = "transfer"
+    m.mlp_fusion = True
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # synthetic | coco | tfds

@@ -8,7 +8,6 @@ inputs, so each jit-compiles once per input shape.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Sequence
 
 import jax
@@ -19,6 +18,7 @@ from maskx_jax import anchors as anchors_lib
 from maskx_jax.box_head import (FastRCNNPredictor, RoISamples, TwoMLPHead, box_losses, detect_boxes,
                                  sample_rois)
 from maskx_jax.canvas import Canvas
+from maskx_jax.detector_config import DetectorConfig
 from maskx_jax.fpn import ResNetFPN
 from maskx_jax.layers import Conv2d
 from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss,
@@ -32,86 +32,6 @@ Array = jax.Array
 
 # Loss groups ``MaskRCNN.losses`` can skip (stage-wise training: the losses of frozen parts).
 LOSS_GROUPS = ("rpn", "box", "mask")
-
-
-@dataclasses.dataclass(frozen=True)
-class DetectorConfig:
-    """Typed architecture, training-target and inference settings of one detector.
-
-    Defaults are torchvision ``maskrcnn_resnet50_fpn`` (v1) with a class-specific mask head.
-    ``num_classes`` counts the background (COCO in torchvision: 91). ``build_model`` maps the
-    ml_collections experiment config onto this; modules never see the experiment config.
-    """
-
-    depth: int = 50
-    num_classes: int = 91
-    fpn_channels: int = 256
-    freeze_at: int = 2
-    norm: str = "frozen_bn"
-    norm_eps: float = 1e-5
-    # RPN
-    anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    rpn_nms_thresh: float = 0.7
-    rpn_fg_iou_thresh: float = 0.7
-    rpn_bg_iou_thresh: float = 0.3
-    rpn_batch_size_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
-    # RoI heads
-    box_roi_size: int = 7
-    mask_roi_size: int = 14
-    sampling_ratio: int = 2
-    aligned: bool = False
-    representation: int = 1024
-    roi_fg_iou_thresh: float = 0.5
-    roi_batch_size_per_image: int = 512
-    roi_positive_fraction: float = 0.25
-    max_mask_rois_per_image: int = 128
-    # Smaller mask-branch sizes chosen inside the step when every image has fewer supervised
-    # positives (training) or valid detections (inference); exact: see MaskRCNN._mask_loss and
-    # MaskRCNN._detection_masks. () = always run all max_mask_rois_per_image / detections_per_img slots.
-    mask_slot_buckets: tuple[int, ...] = (8, 16, 32, 64)
-    box_score_thresh: float = 0.05
-    box_nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    # Training recipe (torchvision's defaults; Detectron's: 'detectron', 1.0, True; see config.RECIPES)
-    box_predictor_init: str = "torch"  # torch | detectron: initialisation of cls_score / bbox_pred
-    box_reg_beta: float = 1.0 / 9  # smooth-L1 beta of the Fast R-CNN box loss (the RPN's stays 1/9)
-    binarize_mask_targets: bool = False  # mask targets thresholded at 0.5 (Detectron) instead of soft
-    # Mask branch / Mask^X
-    mask_head_channels: int = 256
-    mask_mode: str = "class_specific"  # class_specific | class_agnostic | transfer | none (box-only detector)
-    transfer_input: str = "cls+box"  # cls | box | cls+box | random (fixed random class vectors: a control)
-    transfer_layers: int = 2
-    transfer_hidden: int = 256
-    transfer_activation: str = "leaky_relu"
-    stop_det_grad: bool = True
-    mlp_fusion: bool = False
-    # Compute dtype of the convolutions and FC layers (float32 | bfloat16). Parameters, box
-    # coding, NMS, RoIAlign sample positions and every loss stay float32; bfloat16 halves the
-    # activation memory of a training step on accelerators.
-    dtype: str = "float32"
-    # torchvision's per-image numbers on any canvas (maskx_jax/canvas.py): features zero outside each
-    # image's size rounded up to 32, its own anchors, RoIAlign clamped to it. Training uses the same features
-    # and RoIAlign (its anchors stay the canvas's, as torchvision's stay its padded batch's). False: the
-    # canvas's border only (a select less before each spatial op).
-    exact_canvas: bool = True
-    # How convolutions are computed (maskx_jax/conv.py): auto (the backend's fast paths: on CPU Winograd and
-    # canonical gradients) | canonical (CPU: canonical gradients, no Winograd) | xla (XLA's own everywhere).
-    conv_impl: str = "auto"
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def pooler_scales(self) -> tuple[float, ...]:
-        """RoIAlign scales of P2..P5 (torchvision infers exactly these from the feature shapes)."""
-        return (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 
 class RoIHeads(nnx.Module):

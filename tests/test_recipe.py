@@ -150,3 +150,20 @@ def test_box_predictor_init_reaches_the_model_and_bad_values_are_refused():
         c.data.set_a = "all"
         c.model.box_predictor_init = "xavier"
         config_lib.validate(c)
+
+
+def test_model_defaults_have_one_source():
+    """base_config's model section is DetectorConfig's defaults (same keys, values and types) except the one
+    marked experiment choice, Mask^X; the model built from base_config is exactly that."""
+    import dataclasses
+
+    from maskx_jax.detector_config import DetectorConfig, model_defaults
+    from maskx_jax.model_builder import detector_config
+
+    model = config_lib.base_config().model.to_dict()
+    defaults = model_defaults()
+    assert sorted(model) == sorted(defaults)
+    differ = {k: (model[k], v) for k, v in defaults.items() if model[k] != v or type(model[k]) is not type(v)}
+    assert differ == {"mask_mode": ("transfer", "class_specific"), "mlp_fusion": (True, False)}
+    built = detector_config(config_lib.base_config(), 11)
+    assert built == dataclasses.replace(DetectorConfig(num_classes=11), mask_mode="transfer", mlp_fusion=True)
