@@ -5,6 +5,18 @@ import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# One persistent XLA compilation cache for the whole run: the workers and every subprocess they start
+# (train.py, predict, the README's commands) inherit these variables, so a program compiled once (the tiny
+# detector's predict, a tiny config's train step) is read back instead of compiled again. The cache key is
+# the program and the compile options, so a hit is the same executable. The directory belongs to this run
+# (made by the controller, removed at its end); MASKX_JAX_TEST_JIT_CACHE=0 turns the cache off.
+_OWN_JIT_CACHE = None
+if os.environ.get("MASKX_JAX_TEST_JIT_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_JIT_CACHE = tempfile.mkdtemp(prefix="maskx_jax_test_jit_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_JIT_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 from maskx_jax.backends.cpu import xla_flags  # noqa: E402
 
 xla_flags.apply_cpu_defaults()  # as the entry points do, before any test starts a JAX backend
@@ -58,3 +70,9 @@ def pytest_sessionstart(session):
             f"only {free:.1f} GiB free on the disk of {base}; the test suite writes up to ~5.7 GiB of "
             f"checkpoints there. Free some space, point TMPDIR elsewhere, or lower the check with "
             f"MASKX_JAX_TEST_MIN_FREE_GIB (now {MIN_FREE_GIB:g}).")
+
+
+def pytest_unconfigure(config):
+    """Remove this run's compilation cache (see ``_OWN_JIT_CACHE``); only the process that made it does."""
+    if _OWN_JIT_CACHE is not None:
+        shutil.rmtree(_OWN_JIT_CACHE, ignore_errors=True)

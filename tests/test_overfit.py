@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from maskx_jax.boxes import box_iou
-from maskx_jax.detector import MaskRCNN
+from maskx_jax.detector import MaskRCNN, make_predict_fn
 from tests.model_utils import synthetic_batch, tiny_config
 
 STEPS = 250
@@ -37,7 +37,8 @@ def test_detector_overfits_one_batch():
     assert float(total) < first / 3, (first, float(total), {k: float(v) for k, v in parts.items()})
     assert float(parts["loss_mask"]) < 0.3
 
-    det = nnx.merge(graphdef, params, rest).predict(jnp.asarray(batch.images), jnp.asarray(batch.image_sizes))
+    # compiled once (as every caller runs it), not op by op
+    det = make_predict_fn(nnx.merge(graphdef, params, rest))(batch.images, batch.image_sizes)
     for i in range(batch.images.shape[0]):
         gt = batch.gt_boxes[i][batch.gt_valid[i]]
         gt_labels = batch.gt_classes[i][batch.gt_valid[i]]
