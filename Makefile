@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # The edit loop (~2 minutes here): ruff and the unit tests of the ops, config, docs and data generation; no
 # model training, no subprocesses of train.py. `make test` stays the whole suite (and CI's command).
-FAST_TESTS := boxes anchors nms matching transform paste roi_align conv docs resources data_synthetic visualize
+FAST_TESTS := boxes anchors nms matching transform paste roi_align conv docs resources data_synthetic visualize one_behind
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(patsubst %,tests/test_%.py,$(FAST_TESTS))

@@ -37,6 +37,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskx_jax import paste
+from maskx_jax.one_behind import OneBehind
 from maskx_jax.transform import resize_boxes
 from maskx_jax.types import Detections
 
@@ -419,14 +420,10 @@ def evaluate_model(
     total = num_batches
     if total is None and hasattr(eval_batches, "__len__"):
         total = len(eval_batches)
-    pending = None
+    behind = OneBehind(convert)
     for batch, _ in tqdm(eval_batches, total=total, desc="eval", disable=not progress, unit="batch"):
-        det = predict_fn(batch.images, batch.image_sizes)
-        if pending is not None:
-            convert(pending)
-        pending = (det, batch)
-    if pending is not None:
-        convert(pending)
+        behind.push((predict_fn(batch.images, batch.image_sizes), batch))
+    behind.flush()
     if results_json is not None:
         with open(results_json, "w") as f:
             json.dump(results, f)

@@ -395,6 +395,7 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
     from maskx_jax import visualize
     from maskx_jax.data.issues import Issues
     from maskx_jax.evaluate import detections_to_coco
+    from maskx_jax.one_behind import OneBehind
 
     thresh = predictor.score_thresh if score_thresh is None else float(score_thresh)
     os.makedirs(output, exist_ok=True)
@@ -462,7 +463,7 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
 
     chunks = [range(s, min(s + bsz, len(paths))) for s in range(0, len(paths), bsz)]
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    pending = None
+    behind = OneBehind(finish)  # a batch's detections are converted while the next batch runs
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskx-predict-load") as pool:
         upcoming = pool.submit(load, chunks[0]) if chunks else None
         for k in range(len(chunks)):
@@ -473,13 +474,10 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
                 bar.update(len(chunks[k]))
                 continue
             good, (images, sizes, _) = loaded
-            det = predictor.predict_fn(images, sizes)  # dispatched; converted while the next one runs
+            det = predictor.predict_fn(images, sizes)
             bar.update(len(chunks[k]) - len(good))
-            if pending is not None:
-                finish(pending)
-            pending = (det, loaded)
-        if pending is not None:
-            finish(pending)
+            behind.push((det, loaded))
+        behind.flush()
     bar.close()
 
     results_path = os.path.join(output, RESULTS_FILE)

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from maskx_jax.one_behind import OneBehind
 from maskx_jax.train import checkpointing
 from maskx_jax.train.checkpointing import make_checkpoint_manager
 from maskx_jax.train.config_checks import (check_resume_config, check_scaling, check_trainer_config,
@@ -171,7 +172,6 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
     Returns (state, skipped steps, whether a termination request stopped the loop early).
     """
     skipped = 0
-    pending = None  # device metrics of the step before the one in flight
 
     def handle(m_dev) -> None:
         nonlocal skipped
@@ -196,6 +196,7 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
                             step, what, float(m["total"]), losses, float(m["grad_norm"]), skipped)
         logger.step_done(m)
 
+    metrics_behind = OneBehind(handle)  # a step's metrics are read once the next step is dispatched
     for step in range(start, total):
         local = next(batches)
         if step == start:  # which slice of the global batch this process loads (one line per run)
@@ -203,19 +204,15 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
                          jax.process_count(), [int(i) for i in np.asarray(local.image_ids).reshape(-1)], step)
         batch = trainer.global_batch(local)
         state, metrics = trainer.train_step(state, batch)
-        if pending is not None:
-            handle(pending)
-        pending = metrics
+        metrics_behind.push(metrics)
         done = step + 1
         if on_step is not None:
             on_step(done, state)
         stop = watch.requested(done)
         if done % int(t.checkpoint_every) == 0 or done == total or stop:
-            handle(pending)  # know this step's outcome before saving it
-            pending = None
+            metrics_behind.flush()  # know this step's outcome before saving it
             checkpointing.save_state(manager, state, done)  # through the module: tests wrap it
         if stop and done < total:
             return state, skipped, True
-    if pending is not None:
-        handle(pending)
+    metrics_behind.flush()
     return state, skipped, False
