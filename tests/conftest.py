@@ -10,9 +10,19 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # detector's predict, a tiny config's train step) is read back instead of compiled again. The cache key is
 # the program and the compile options, so a hit is the same executable. The directory belongs to this run
 # (made by the controller, removed at its end); MASKX_JAX_TEST_JIT_CACHE=0 turns the cache off.
+_JIT_CACHE_PREFIX = "maskx_jax_test_jit_cache_"
 _OWN_JIT_CACHE = None
 if os.environ.get("MASKX_JAX_TEST_JIT_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _OWN_JIT_CACHE = tempfile.mkdtemp(prefix="maskx_jax_test_jit_cache_")
+    import glob
+    import time
+
+    for _stale in glob.glob(os.path.join(tempfile.gettempdir(), _JIT_CACHE_PREFIX + "*")):
+        try:  # left by a run that was killed before its cleanup; a day old, so no run still uses it
+            if time.time() - os.path.getmtime(_stale) > 86400:
+                shutil.rmtree(_stale, ignore_errors=True)
+        except OSError:
+            pass
+    _OWN_JIT_CACHE = tempfile.mkdtemp(prefix=_JIT_CACHE_PREFIX)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_JIT_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
