@@ -2,7 +2,7 @@
 
     python -m maskx_jax.demo --workdir runs/demo [--detector-steps N] [--mask-steps M] [--set SECTION.KEY=VALUE]
 
-One box detector is trained (boxes of all 24 classes), then frozen, and three mask branches are trained on
+One box detector is trained (boxes of all 10 classes), then frozen, and three mask branches are trained on
 it with the masks of set A only: the class-agnostic head (the baseline), Mask^X (tau on the detection
 weights + MLP fusion), and the oracle (a class-specific head given the masks of every class: the ceiling).
 The detector is the same for the three, so the mask head is the only difference. Prints and writes
