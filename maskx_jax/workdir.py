@@ -78,25 +78,6 @@ def find_workdir(path: str) -> tuple[str, int | None] | None:
 CLASS_COUNT_VARIABLE = "roi_heads.box_predictor.cls_score.bias"  # [K+1]: the class count of a detector
 
 
-def num_classes_in_checkpoint(step_dir: str) -> int:
-    """K+1 from the saved box classifier's bias shape (no arrays are read)."""
-    import orbax.checkpoint as ocp
-
-    absl_logger = logging_std.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging_std.ERROR)  # orbax warns about a per-item metadata file it does not need
-    try:
-        meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "default"))
-    finally:
-        absl_logger.setLevel(level)
-    tree = getattr(meta, "item_metadata", meta)
-    # Trainable, or frozen with the detector (train.freeze): then it is saved with the other fixed variables.
-    part = "params" if "box_predictor" in (tree["params"].get("roi_heads") or {}) else "rest"
-    node = tree[part]["roi_heads"]["box_predictor"]["cls_score"]["bias"]
-    node = node.get("value", node) if isinstance(node, Mapping) else node
-    return int(node.shape[0])
-
-
 def _checkpoint_step(workdir: str, config: Any, step: int | None) -> int:
     """``step`` if ``WORKDIR/checkpoints`` holds it (default: the latest complete one), else FileNotFoundError."""
     from maskx_jax.train.checkpointing import make_checkpoint_manager

@@ -256,9 +256,9 @@ def test_stagewise_training_freezes_the_detector(stagewise, tmp_path):
     assert len(big) == len(trained) and sum(x.size for x in big) == sum(x.size for x in trained.values())
 
     # The class count is read back from the saved state, where the frozen box predictor sits in ``rest``.
-    from maskx_jax.workdir import num_classes_in_checkpoint as _num_classes_in_checkpoint
+    from maskx_jax.workdir import load_variables
 
-    assert _num_classes_in_checkpoint(str(tmp_path / "run" / "checkpoints" / "2")) == SYNTHETIC_CLASSES
+    assert load_variables(str(tmp_path / "run" / "checkpoints" / "2"))[1]["num_classes"] == SYNTHETIC_CLASSES
 
 
 def test_stagewise_resume_is_bitwise_and_freeze_changes_are_refused(stagewise, tmp_path):
