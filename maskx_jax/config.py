@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.max_instances = 100  # static instance slots per image (extra instances are dropped, counted)
     d.mask_crop_size = 56  # host-side per-instance mask crop resolution
     d.hflip_prob = 0.5  # training: horizontal flip probability
-    d.num_workers = 2  # host decoding threads
+    d.num_workers = 2  # decoding worker processes (grain); 0 = a background thread of the training process
     d.prefetch = 4  # batches prepared ahead of the device
     d.drop_images_without_annotations = True  # train only: skip (counted) images with no usable non-crowd instance
     d.cache_dir = "runs/data_cache"  # derived files: cleaned validation JSON, tfds validation JSON

@@ -14,7 +14,7 @@ kill it there with SIGKILL: the process dies with everything exactly as it was a
 
   generate            writing the synthetic dataset (first run: the validation split is being written)
   data:S              the main loop waits for the batch of step S (0-based; S steps completed) while
-                      a worker thread holds its decoding
+                      a decoding worker (process or thread) holds it
   save_tmp:S          orbax created checkpoint S's temporary directory, nothing written into it yet
   save_finalize:S     checkpoint S fully written to the temporary directory, not yet renamed into place
   after_save:S        checkpoint S complete (renamed into place), before the next step starts
@@ -22,7 +22,6 @@ kill it there with SIGKILL: the process dies with everything exactly as it was a
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
@@ -31,6 +30,20 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
+
+
+from maskx_jax.data import pipeline as _pipeline  # after the sys.path set-up above
+
+
+class StuckBuilder(_pipeline.TrainBatchBuilder):
+    """Builds every batch but that of step S (``MASKX_CRASH_AT=data:S``), whose decoding never ends: a
+    decoding worker (a process, or the thread with data.num_workers=0) holds it open."""
+
+    def __call__(self, step: int) -> dict:
+        if step == int(os.environ["MASKX_CRASH_AT"].partition(":")[2]):
+            while True:
+                time.sleep(3600)
+        return super().__call__(step)
 
 
 def _pause(what: str) -> None:
@@ -61,25 +74,15 @@ def _install(spec: str) -> None:
     elif point == "data":
         from maskx_jax.data import pipeline
 
-        plan, next_ = pipeline.TrainIterator._plan, pipeline.TrainIterator.__next__
-        gate = threading.Event()
-
-        def stuck_job(job):
-            gate.wait()  # a worker thread holds step S's decoding open; never released
-            return job()
-
-        def paused_plan(self, step):
-            arrays, jobs = plan(self, step)
-            if step == target:
-                jobs = [functools.partial(stuck_job, j) for j in jobs]
-            return arrays, jobs
+        next_ = pipeline.TrainIterator.__next__
 
         def paused_next(self):
             if self.step == target:
                 threading.Timer(0.5, _pause, (f"waiting for the batch of step {target}",)).start()
             return next_(self)
 
-        pipeline.TrainIterator._plan = paused_plan
+        # The iterator builds its batches with this class, in worker processes too (pickled by name).
+        pipeline.TrainBatchBuilder = StuckBuilder
         pipeline.TrainIterator.__next__ = paused_next
 
     elif point in ("save_tmp", "save_finalize"):

@@ -36,6 +36,7 @@ import subprocess
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 import train_subprocess as TS
@@ -47,7 +48,7 @@ STEPS, EVERY, KEEP = 6, 2, 2
 def _command(workdir: str, data: str) -> list[str]:
     return TS.command(workdir, f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
                       f"--config.train.keep_checkpoints={KEEP}", "--config.eval.max_images=4",
-                      "--config.eval.batch_size=2", data_dir=data, worker=True)
+                      "--config.eval.batch_size=2", "--config.data.num_workers=2", data_dir=data, worker=True)
 
 
 def _run_to_end(cmd, log_path) -> str:
@@ -70,8 +71,11 @@ def _run_and_kill(cmd, point, marker, log_path) -> str:
                                 + open(log_path).read()[-5000:])
                 assert time.monotonic() < deadline, "timed out waiting for the pause point"
                 time.sleep(0.05)
+            workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=60) == -signal.SIGKILL
+            # its decoding worker processes end with it (they would otherwise wait forever)
+            assert not psutil.wait_procs(workers, timeout=15)[1]
         finally:
             if proc.poll() is None:
                 proc.kill()

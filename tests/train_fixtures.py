@@ -172,7 +172,7 @@ def tiny_config(data_dir: str, **train):
     d.pad_width = 64
     d.max_instances = 4
     d.mask_crop_size = 14
-    d.num_workers = 1
+    d.num_workers = 0  # in-process; worker processes: test_data_workers, test_crash_resume, test_sharding
     d.prefetch = 1
     c.eval.batch_size = 8
     c.eval.max_images = 8

@@ -6,8 +6,10 @@ the record's name (file name, image id, annotation id) and a detail string. A (k
 record) pair is counted once, however often the record is decoded again in later epochs,
 so the counts read "how many records had this problem".
 
-The object is shared between threads (images are decoded in background workers), hence
-the lock.
+The object is shared between threads, hence the lock. Decoding worker processes each get a
+pickled copy: a copy made by unpickling does not log; it keeps the problems it sees from then
+on until :meth:`drain` hands them over, and the pipeline passes them, with the batch they came
+from, to :meth:`absorb` on the original object, which counts and logs them once.
 """
 from __future__ import annotations
 
@@ -68,6 +70,35 @@ class Issues:
         self._counts: collections.Counter[str] = collections.Counter()
         self._examples: dict[str, list[str]] = collections.defaultdict(list)
         self._max_examples = max_examples
+        # Set only on an unpickled copy (a worker process): problems to hand to the original.
+        self._forward: list[tuple[str, str, str]] | None = None
+
+    def __getstate__(self) -> dict:
+        with self._lock:
+            state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+            state["_seen"] = set(self._seen)
+        state["_forward"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._forward = []
+
+    def drain(self) -> list[tuple[str, str, str]]:
+        """(kind, record, detail) of each problem first seen since the last call, on a copy in a
+        worker process; [] on the original (it counted and logged them already)."""
+        with self._lock:
+            if self._forward is None:
+                return []
+            out, self._forward = self._forward, []
+        return out
+
+    def absorb(self, problems: list[tuple[str, str, str]]) -> None:
+        """Counts and logs problems a worker's copy reported (:meth:`drain`); each (kind, record)
+        still counts once."""
+        for kind, record, detail in problems:
+            self.warn(kind, record, detail)
 
     def warn(self, kind: str, record: str, detail: str = "") -> None:
         """Counts (once per (kind, record)) and logs one problem.
@@ -82,6 +113,9 @@ class Issues:
             if key in self._seen:
                 return
             self._seen.add(key)
+            if self._forward is not None:  # a worker's copy: the original counts and logs it
+                self._forward.append((kind, record, detail))
+                return
             self._counts[kind] += 1
             if len(self._examples[kind]) < self._max_examples:
                 self._examples[kind].append(f"{record}: {detail}" if detail else record)

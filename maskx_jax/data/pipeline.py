@@ -19,13 +19,14 @@ deterministic too. With a second, box-only training source (``data.box_source``)
 g is first assigned to a source, then drawn from that source's own epoch permutations (see
 :mod:`maskx_jax.data.mixture`); flips are drawn as above.
 
-Batches are plain NumPy arrays inside a ``Batch``; decoding and augmentation run on
-``data.num_workers`` threads, ``data.prefetch`` batches ahead.
+Batches are NumPy arrays inside a ``Batch``; decoding and augmentation run in
+``data.num_workers`` worker processes (0: a thread of this process), ``data.prefetch`` batches
+ahead (:mod:`maskx_jax.data.loader`). A record's problems found in a worker are counted in
+``info.issues`` when its batch is consumed.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Iterator
 
@@ -36,7 +37,7 @@ from maskx_jax.data import prepare, sources
 from maskx_jax.data.classes import has_mask_by_class, mask_counts, parse_set_a, set_a_from_annotations
 from maskx_jax.data.issues import Issues
 from maskx_jax.data.mixture import BoxOnlySource, ConcatSource, mixed_step_indices
-from maskx_jax.data.prefetch import OrderedPrefetcher
+from maskx_jax.data.loader import BatchStream
 from maskx_jax.data.records import STANDIN_IMAGE_SIZE, Example, ImageRecord, Source
 from maskx_jax.data.vocab import merge_vocabularies, read_class_map
 from maskx_jax.types import Batch
@@ -235,11 +236,42 @@ def global_step_indices(seed: int, step: int, batch_size: int, num_records: int)
     return out
 
 
+class TrainBatchBuilder:
+    """Step -> this process's slice of that step's global batch, as plain arrays (picklable: it is
+    what a decoding worker process runs).
+
+    ``builder(step)`` returns ``{"arrays": {Batch field: array}, "issues": [(kind, record,
+    detail), ...]}``: the problems a worker's copy of the issue counter saw while building it,
+    for :meth:`~maskx_jax.data.issues.Issues.absorb` in the consuming process ([] in-process).
+    """
+
+    def __init__(self, info: DatasetInfo, options: prepare.PrepareOptions, *, batch_size: int, seed: int,
+                 hflip_prob: float, process_index: int, process_count: int):
+        self.info = info
+        self.options = options
+        self.global_batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        self.seed = seed
+        self.hflip_prob = hflip_prob
+        self.process_index = process_index
+
+    def __call__(self, step: int) -> dict:
+        lo = self.process_index * self.local_batch_size
+        indices = self.info.train_indices(self.seed, step, self.global_batch_size)
+        arrays = prepare.allocate(self.local_batch_size, self.options)
+        for slot in range(self.local_batch_size):
+            ex = _load_or_next(self.info.train, int(indices[lo + slot]), self.info.has_mask_by_class)
+            flip = flip_decision(self.seed, step, lo + slot, self.hflip_prob)
+            prepare.fill(arrays, slot, ex, self.options, flip, self.info.issues)
+        return {"arrays": arrays, "issues": self.info.issues.drain()}
+
+
 class TrainIterator:
     """Process-local training batches for steps ``start_step, start_step + 1, ...``, forever.
 
-    Use as a context manager or call :meth:`close` to stop the worker threads. ``step`` is
-    the step of the next batch ``next()`` returns.
+    Batches are built by :class:`TrainBatchBuilder` in a :class:`~maskx_jax.data.loader.BatchStream`
+    (``num_workers`` worker processes, 0 = a thread of this process). Use as a context manager or
+    call :meth:`close` to stop them. ``step`` is the step of the next batch ``next()`` returns.
     """
 
     def __init__(self, info: DatasetInfo, options: prepare.PrepareOptions, *, batch_size: int, seed: int,
@@ -253,43 +285,24 @@ class TrainIterator:
             raise ValueError("the training set (or one of its sources) is empty (see the data issue report):\n"
                              + info.report())
         self.info = info
-        self.options = options
         self.global_batch_size = batch_size
         self.local_batch_size = batch_size // process_count
-        self.seed = seed
-        self.hflip_prob = hflip_prob
-        self.process_index = process_index
-        self.process_count = process_count
         self.step = start_step
-        self._prefetcher = OrderedPrefetcher(self._plan, self._finish, start=start_step,
-                                             num_workers=num_workers, depth=prefetch, name="maskx-train-data")
-
-    def _plan(self, step: int):
-        lo = self.process_index * self.local_batch_size
-        indices = self.info.train_indices(self.seed, step, self.global_batch_size)
-        arrays = prepare.allocate(self.local_batch_size, self.options)
-        jobs = [functools.partial(self._job, arrays, slot, int(indices[lo + slot]),
-                                  flip_decision(self.seed, step, lo + slot, self.hflip_prob))
-                for slot in range(self.local_batch_size)]
-        return arrays, jobs
-
-    def _job(self, arrays, slot: int, index: int, flip: bool) -> None:
-        ex = _load_or_next(self.info.train, index, self.info.has_mask_by_class)
-        prepare.fill(arrays, slot, ex, self.options, flip, self.info.issues)
-
-    def _finish(self, step: int, arrays, results) -> Batch:
-        del results
-        self.step = step + 1
-        return Batch(**arrays)
+        build = TrainBatchBuilder(info, options, batch_size=batch_size, seed=seed, hflip_prob=hflip_prob,
+                                  process_index=process_index, process_count=process_count)
+        self._stream = BatchStream(build, start=start_step, num_workers=num_workers, prefetch=prefetch)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        return next(self._prefetcher)
+        out = next(self._stream)
+        self.info.issues.absorb(out["issues"])
+        self.step += 1
+        return Batch(**out["arrays"])
 
     def close(self) -> None:
-        self._prefetcher.close()
+        self._stream.close()
 
     def __enter__(self) -> "TrainIterator":
         return self
@@ -322,7 +335,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _eval_job(source: Source, index: int, arrays, slot: int, options: prepare.PrepareOptions,
+def _eval_row(source: Source, index: int, arrays, slot: int, options: prepare.PrepareOptions,
               info: DatasetInfo) -> ImageRecord:
     record = source.record(index)
     ex = source.load(index, info.has_mask_by_class)
@@ -336,6 +349,27 @@ def _eval_job(source: Source, index: int, arrays, slot: int, options: prepare.Pr
     if record.height <= 0:  # sources that only know the size once decoded (tfds)
         record = dataclasses.replace(record, image_id=ex.image_id, height=ex.height, width=ex.width)
     return record
+
+
+class EvalBatchBuilder:
+    """Batch number k -> ``{"arrays", "records", "issues"}`` for images ``[k * B, (k + 1) * B)`` of a
+    split (picklable; see :class:`TrainBatchBuilder` for "issues")."""
+
+    def __init__(self, info: DatasetInfo, source: Source, options: prepare.PrepareOptions, batch_size: int,
+                 num_images: int):
+        self.info = info
+        self.source = source
+        self.options = options
+        self.batch_size = batch_size
+        self.num_images = num_images
+
+    def __call__(self, k: int) -> dict:
+        arrays = prepare.allocate(self.batch_size, self.options)
+        indices = range(k * self.batch_size, min(self.num_images, (k + 1) * self.batch_size))
+        records = [_eval_row(self.source, i, arrays, slot, self.options, self.info) for slot, i in enumerate(indices)]
+        for slot in range(len(indices), self.batch_size):
+            prepare.fill_padding(arrays, slot, self.options)
+        return {"arrays": arrays, "records": records, "issues": self.info.issues.drain()}
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, split: str = "val", batch_size: int | None = None,
@@ -352,8 +386,8 @@ def make_eval_batches(config: ml_collections.ConfigDict, split: str = "val", bat
 
     Yields:
       (Batch, records): ``records[i]`` is the :class:`ImageRecord` of batch row i for
-      ``i < len(records)``; the last batch is padded with rows whose ``image_ids`` are -1
-      (zero images, no instances). Close the generator (or exhaust it) to stop its threads.
+      ``i < len(records)``; the last batch is padded with rows whose ``image_ids`` are -1 (zero images, no
+      instances). Close the generator (or exhaust it) to stop the decoding workers.
     """
     info = info if info is not None else load_datasets(config)
     if split not in ("val", "train"):
@@ -363,23 +397,9 @@ def make_eval_batches(config: ml_collections.ConfigDict, split: str = "val", bat
         raise ValueError("no validation set configured (data.val_json / data.source)")
     bsz = int(batch_size or config.eval.batch_size)
     n = len(source) if max_images <= 0 else min(len(source), int(max_images))
-    options = prepare_options(config, info)
-
-    def plan(k: int):
-        arrays = prepare.allocate(bsz, options)
-        indices = range(k * bsz, min(n, (k + 1) * bsz))
-        jobs = [functools.partial(_eval_job, source, i, arrays, slot, options, info) for slot, i in enumerate(indices)]
-        for slot in range(len(indices), bsz):
-            prepare.fill_padding(arrays, slot, options)
-        return arrays, jobs
-
-    def finish(k: int, arrays, records):
-        return Batch(**arrays), list(records)
-
-    prefetcher = OrderedPrefetcher(plan, finish, start=0, stop=math.ceil(n / bsz),
-                                   num_workers=int(config.data.num_workers), depth=int(config.data.prefetch),
-                                   name="maskx-eval-data")
-    try:
-        yield from prefetcher
-    finally:
-        prefetcher.close()
+    build = EvalBatchBuilder(info, source, prepare_options(config, info), bsz, n)
+    with BatchStream(build, start=0, stop=math.ceil(n / bsz), num_workers=int(config.data.num_workers),
+                     prefetch=int(config.data.prefetch)) as stream:
+        for out in stream:
+            info.issues.absorb(out["issues"])
+            yield Batch(**out["arrays"]), out["records"]

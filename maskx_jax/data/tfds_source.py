@@ -126,12 +126,28 @@ class TfdsSource:
             self.contiguous_to_cat_id = {i: coco_ids[n] for i, n in enumerate(self.class_names) if i > 0}
         else:
             self.contiguous_to_cat_id = {i: i for i in range(1, len(self.class_names))}
+        self._data = self._open(builder)
+        self._lock = threading.Lock()  # array_record readers are not documented as thread-safe
+
+    def _open(self, builder) -> Any:
+        import tensorflow_datasets as tfds
+
         try:
-            self._data = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+            return builder.as_data_source(split=self.split, decoders={"image": tfds.decode.SkipDecoding()})
         except NotImplementedError as e:
             raise ValueError(f"{self._tag}: {self.builder_dir} is not stored as ArrayRecord, which random "
                              f"access needs; convert it with `tfds convert_format` ({e})") from e
-        self._lock = threading.Lock()  # array_record readers are not documented as thread-safe
+
+    def __getstate__(self) -> dict:
+        # Decoding worker processes get a copy: the open readers and the lock stay here, the copy reopens.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_data", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        import tensorflow_datasets as tfds
+
+        self.__dict__.update(state)
+        self._data = self._open(tfds.builder_from_directory(self.builder_dir))
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._data)
