@@ -1,12 +1,13 @@
 """The host input pipeline alone: training batches per second, CPU seconds per image and peak memory, for each
-number of decoding workers (issue 20's baseline; the pipeline a pod host must run).
+number of decoding worker processes (issue 20; the pipeline a pod host must run).
 
-    python benchmarks/input_pipeline.py [--batches 12] [--workers 1,2] [--datasets minicoco,synthetic]
+    python benchmarks/input_pipeline.py [--batches 12] [--workers 0,1,2] [--datasets minicoco,synthetic]
 
 Each (dataset, workers) case runs in its own process: the training iterator of a config is built and drained for
-``--batches`` batches after 2 warm-up batches; ``images_per_s`` = images / wall time, ``cpu_s_per_image`` = the
-process's user + system CPU time over the timed batches / images, ``rss_mib`` = the process's peak RSS (the
-current pipeline decodes in threads of that one process, so that is the whole tree). Datasets:
+``--batches`` batches after 2 warm-up batches; ``images_per_s`` = images / wall time, ``cpu_s_per_image`` = user +
+system CPU time of the process and its decoding workers over the timed batches / images, ``rss_mib`` = the sum of
+each process's peak RSS in that tree (an upper bound: shared pages count once per process). ``workers`` 0 decodes
+on a thread of the process; n > 0 in n worker processes. Datasets:
 
 * ``minicoco``: the COCO photos and annotations in ``../shared/data/minicoco`` at 800x1333 (canvas 800x1344),
   batch 8, ``data.mask_supervision=by_annotation``, horizontal flips on: what a COCO run's host does per image;
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,6 +57,37 @@ def _config(dataset: str, workers: int, scratch: str):
     return c
 
 
+def _tree_cpu_s() -> float:
+    """User + system CPU seconds of this process and its live descendants (the decoding workers)."""
+    import psutil
+
+    total = 0.0
+    for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _tree_peak_rss_mib() -> float:
+    """Sum over this process and its live descendants of each one's peak RSS (Linux ``VmHWM``), MiB.
+
+    Pages shared between processes (the shared-memory batches, the libraries) count once per process that
+    touched them, so this is an upper bound of the tree's peak."""
+    import psutil
+
+    total = 0.0
+    for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                total += next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024.0
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
 def measure(dataset: str, workers: int, batches: int) -> dict:
     """One case, in this process (``--worker``)."""
     from maskx_jax.data.pipeline import load_datasets, make_train_iterator
@@ -67,17 +98,16 @@ def measure(dataset: str, workers: int, batches: int) -> dict:
         with make_train_iterator(config, info=info) as it:
             for _ in range(WARMUP):
                 next(it)
-            cpu0, t0 = os.times(), time.perf_counter()
+            cpu0, t0 = _tree_cpu_s(), time.perf_counter()
             for _ in range(batches):
                 next(it)
             wall = time.perf_counter() - t0
-            cpu1 = os.times()
+            cpu1 = _tree_cpu_s()
+            rss = _tree_peak_rss_mib()
     images = batches * BATCH
-    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     return {"dataset": dataset, "workers": workers, "batch": BATCH, "batches": batches,
-            "images_per_s": images / wall, "cpu_s_per_image": cpu / images,
-            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-            "train_images": len(info.train)}
+            "images_per_s": images / wall, "cpu_s_per_image": (cpu1 - cpu0) / images,
+            "rss_mib": rss, "train_images": len(info.train)}
 
 
 def markdown(result: dict) -> str:
@@ -94,7 +124,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="minicoco,synthetic")
-    p.add_argument("--workers", default="1,2")
+    p.add_argument("--workers", default="0,1,2")
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)

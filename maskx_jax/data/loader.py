@@ -8,8 +8,11 @@ forever) and yields the results strictly in that order, ``prefetch`` of them com
   device step; tests and debugging use it.
 * ``num_workers = n > 0``: grain's ``mp_prefetch`` runs ``build`` in n spawned worker
   processes, worker i computing k = start + i, start + i + n, ...; NumPy arrays come back
-  through shared memory (grain's ``SharedMemoryArray``, an ``np.ndarray``), and the streams of
-  the workers are interleaved back into order. Decoding then scales with the host's cores.
+  through shared memory (grain's ``SharedMemoryArray``, an ``np.ndarray``; ``build`` allocates
+  them there with :func:`zeros`, so a batch is never copied), and the streams of the workers
+  are interleaved back into order. Decoding then scales with the host's cores. Each worker runs
+  BLAS single-threaded (see :class:`_WorkerSetup`); in this process that is left to the user
+  (``OPENBLAS_NUM_THREADS=1`` halves the CPU per image of the in-process path).
 
 Since every element is a pure function of k, the output does not depend on the number of
 workers, and starting at ``start = s`` resumes exactly. Failures: an exception inside ``build``
@@ -26,6 +29,9 @@ import time
 from typing import Any, Callable, Iterator
 
 import grain
+import numpy as np
+import threadpoolctl
+from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # grain exports no public name for it
 
 # Long enough to never end in practice; grain's ranges need a stop below sys.maxsize.
 FOREVER = 2**60
@@ -40,11 +46,29 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-class _ExitWithParent:
-    """grain worker set-up: a daemon thread ends the worker when the process that started it is gone.
+# Set in worker processes by _WorkerSetup: zeros() then allocates batch arrays in shared memory.
+_IN_WORKER = False
+# Arrays at least this large are allocated in shared memory in a worker; smaller ones travel pickled.
+SHARED_MIN_BYTES = 1 << 16
 
-    Without it, a trainer killed with SIGKILL (the out-of-memory killer, a pre-empted job) leaves
-    its grain workers running forever: they wait on a queue nobody reads. Checked every second.
+
+def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``np.zeros``, except inside a worker process, where a large array is allocated in shared memory
+    (grain's ``SharedMemoryArray``) so the finished batch reaches the consumer without a copy."""
+    if _IN_WORKER and math.prod(shape) * np.dtype(dtype).itemsize >= SHARED_MIN_BYTES:
+        return SharedMemoryArray(shape, dtype)  # new pages are zero
+    return np.zeros(shape, dtype)
+
+
+class _WorkerSetup:
+    """Runs first in every grain worker process.
+
+    * a daemon thread ends the worker when the process that started it is gone (checked every
+      second): without it, a trainer killed with SIGKILL (the out-of-memory killer, a pre-empted
+      job) leaves its workers running forever, waiting on a queue nobody reads;
+    * BLAS and OpenMP use one thread: the workers are the parallelism, and OpenBLAS's own threads
+      only spin in the small matrix products of the mask crops (measured: twice the CPU per image);
+    * :func:`zeros` allocates in shared memory.
     """
 
     def __init__(self, parent_pid: int):
@@ -52,7 +76,10 @@ class _ExitWithParent:
 
     def __call__(self, worker_index: int, worker_count: int) -> None:
         del worker_index, worker_count
+        global _IN_WORKER
+        _IN_WORKER = True
         threading.Thread(target=self._watch, name="maskx-exit-with-parent", daemon=True).start()
+        threadpoolctl.threadpool_limits(1)
 
     def _watch(self) -> None:
         while os.getppid() == self.parent_pid:
@@ -84,7 +111,7 @@ class BatchStream:
             it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=int(num_workers),
                                              per_worker_buffer_size=math.ceil(prefetch / num_workers)),
-                worker_init_fn=_ExitWithParent(os.getpid()))
+                worker_init_fn=_WorkerSetup(os.getpid()))
         self.num_workers = int(num_workers)
         self._it: Any = iter(it_ds)
         self._closed = False

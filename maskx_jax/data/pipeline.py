@@ -37,6 +37,7 @@ from maskx_jax.data import prepare, sources
 from maskx_jax.data.classes import has_mask_by_class, mask_counts, parse_set_a, set_a_from_annotations
 from maskx_jax.data.issues import Issues
 from maskx_jax.data.mixture import BoxOnlySource, ConcatSource, mixed_step_indices
+from maskx_jax.data import loader
 from maskx_jax.data.loader import BatchStream
 from maskx_jax.data.records import STANDIN_IMAGE_SIZE, Example, ImageRecord, Source
 from maskx_jax.data.vocab import merge_vocabularies, read_class_map
@@ -258,7 +259,7 @@ class TrainBatchBuilder:
     def __call__(self, step: int) -> dict:
         lo = self.process_index * self.local_batch_size
         indices = self.info.train_indices(self.seed, step, self.global_batch_size)
-        arrays = prepare.allocate(self.local_batch_size, self.options)
+        arrays = prepare.allocate(self.local_batch_size, self.options, loader.zeros)
         for slot in range(self.local_batch_size):
             ex = _load_or_next(self.info.train, int(indices[lo + slot]), self.info.has_mask_by_class)
             flip = flip_decision(self.seed, step, lo + slot, self.hflip_prob)
@@ -364,7 +365,7 @@ class EvalBatchBuilder:
         self.num_images = num_images
 
     def __call__(self, k: int) -> dict:
-        arrays = prepare.allocate(self.batch_size, self.options)
+        arrays = prepare.allocate(self.batch_size, self.options, loader.zeros)
         indices = range(k * self.batch_size, min(self.num_images, (k + 1) * self.batch_size))
         records = [_eval_row(self.source, i, arrays, slot, self.options, self.info) for slot, i in enumerate(indices)]
         for slot in range(len(indices), self.batch_size):

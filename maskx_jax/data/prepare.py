@@ -59,21 +59,25 @@ def fit_size(height: int, width: int, o: PrepareOptions) -> tuple[int, int]:
     return max(out_h, 1), max(out_w, 1)
 
 
-def allocate(batch_size: int, o: PrepareOptions) -> dict[str, np.ndarray]:
-    """Zeroed host arrays for one batch (field names, shapes and dtypes of ``Batch``)."""
+def allocate(batch_size: int, o: PrepareOptions, zeros=np.zeros) -> dict[str, np.ndarray]:
+    """Zeroed host arrays for one batch (field names, shapes and dtypes of ``Batch``); ``zeros(shape,
+    dtype)`` allocates each (the pipeline passes :func:`maskx_jax.data.loader.zeros`: shared memory in a
+    worker process)."""
     b, g, s = batch_size, o.max_instances, o.mask_crop_size
-    return {
-        "images": np.zeros((b, o.pad_height, o.pad_width, 3), np.float32),
-        "image_sizes": np.zeros((b, 2), np.int32),
-        "gt_boxes": np.zeros((b, g, 4), np.float32),
-        "gt_classes": np.zeros((b, g), np.int32),
-        "gt_valid": np.zeros((b, g), bool),
-        "gt_crowd": np.zeros((b, g), bool),
-        "gt_has_mask": np.zeros((b, g), bool),
-        "gt_masks": np.zeros((b, g, s, s), np.float32),
-        "image_ids": np.full((b,), -1, np.int32),
-        "original_sizes": np.zeros((b, 2), np.int32),
+    arrays = {
+        "images": zeros((b, o.pad_height, o.pad_width, 3), np.float32),
+        "image_sizes": zeros((b, 2), np.int32),
+        "gt_boxes": zeros((b, g, 4), np.float32),
+        "gt_classes": zeros((b, g), np.int32),
+        "gt_valid": zeros((b, g), bool),
+        "gt_crowd": zeros((b, g), bool),
+        "gt_has_mask": zeros((b, g), bool),
+        "gt_masks": zeros((b, g, s, s), np.float32),
+        "image_ids": zeros((b,), np.int32),
+        "original_sizes": zeros((b, 2), np.int32),
     }
+    arrays["image_ids"][:] = -1
+    return arrays
 
 
 def fill_padding(arrays: dict[str, np.ndarray], slot: int, o: PrepareOptions) -> None:
