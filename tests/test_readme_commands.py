@@ -115,7 +115,7 @@ SNIPPETS: dict[str, SnippetPlan] = {
 
 TRAIN_ALWAYS = ("--progress=false", "--config.train.batch_size=2", "--config.train.warmup_steps=1",
                 "--config.eval.max_images=2", "--config.eval.batch_size=2", "--config.eval.num_pictures=2",
-                "--config.data.num_workers=1")
+                "--config.data.num_workers=0")  # in-process; worker processes: test_data_workers, test_sharding
 TRAIN_STEPS = 1  # a command that sets train.steps itself runs TRAIN_STEPS + 1: it resumes the previous run
 PAPER_SIZE_COUNTS = {"model.rpn_pre_nms_top_n_train": 64, "model.rpn_post_nms_top_n_train": 32,
                      "model.rpn_pre_nms_top_n_test": 64, "model.rpn_post_nms_top_n_test": 32,

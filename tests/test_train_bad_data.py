@@ -113,7 +113,8 @@ def test_training_over_a_corrupt_coco_dataset_completes_with_a_summary(tmp_path)
                      *(f"--config.data.{k}={v}" for k, v in paths.items()),
                      f"--config.train.steps={STEPS}", f"--config.train.batch_size={BATCH}",
                      "--config.train.checkpoint_every=4", "--config.eval.batch_size=2", "--config.eval.max_images=0",
-                     data_dir=str(tmp_path / "data"))
+                     # decoded in 2 worker processes: what they find must reach the summary, counted once
+                     "--config.data.num_workers=2", data_dir=str(tmp_path / "data"))
     proc = TS.run(cmd)
     log = proc.stdout
     (tmp_path / "train.log").write_text(log)

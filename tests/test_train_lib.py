@@ -13,6 +13,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import train_fixtures as F
 from maskx_jax import train_lib
@@ -291,4 +292,24 @@ def test_train_step_compiles_once(tmp_path):
         state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics["total"])
     assert int(state.step) == 4
-    assert trainer.train_step._cache_size() == 1
+    assert trainer.train_step.jitted._cache_size() == 1
+
+
+def test_the_seed_is_an_argument_of_the_compiled_programs():
+    """Runs that differ only in train.seed lower to the same programs (one compile serves a seed sweep, through
+    the persistent cache), yet start from different parameters and draw different step keys."""
+    def trainer(seed):
+        cfg = F.stand_in_config()
+        cfg.train.seed = seed
+        return train_lib.Trainer(cfg, F.NUM_CLASSES, model_fn=F.tiny_model_fn)
+
+    a, b = trainer(0), trainer(7)
+    batch = a.global_batch(F.synthetic_batch(0, 0, F.stand_in_config().train.batch_size))
+    assert a._init.lower(a._seed).as_text() == b._init.lower(b._seed).as_text()
+    assert a.train_step.lower(a.abstract_state(), batch).as_text() == \
+        b.train_step.lower(b.abstract_state(), batch).as_text()
+    pa, pb = jax.device_get(a.init_state().params), jax.device_get(b.init_state().params)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    # the init is the model built eagerly from the same seed, bitwise
+    _, eager, _ = nnx.split(F.tiny_model_fn(None, F.NUM_CLASSES, 7), nnx.Param, ...)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pb), jax.tree.leaves(jax.device_get(eager))))

@@ -29,7 +29,8 @@ TOY = (("model.fpn_channels", 16), ("model.representation", 32), ("model.mask_he
        ("model.roi_batch_size_per_image", 32), ("model.max_mask_rois_per_image", 8), ("model.detections_per_img", 10),
        ("data.min_size", 64), ("data.max_size", 64), ("data.pad_height", 64), ("data.pad_width", 64),
        ("data.synthetic_image_size", 64), ("data.synthetic_num_train", 4), ("data.synthetic_num_val", 2),
-       ("data.mask_crop_size", 16), ("train.batch_size", 2), ("eval.batch_size", 2), ("eval.num_pictures", 1))
+       ("data.mask_crop_size", 16), ("train.batch_size", 2), ("eval.batch_size", 2), ("eval.num_pictures", 1),
+       ("data.num_workers", 0))  # decoding in-process: 14 runs would each start worker processes
 
 
 def _toy(root) -> tuple[tuple[str, object], ...]:

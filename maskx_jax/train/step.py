@@ -48,8 +48,12 @@ def _tree_select(pred: Array, on_true: Any, on_false: Any) -> Any:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     seed: int, on_nonfinite: str, skip_losses: tuple[str, ...] = ()
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The pure train step ``(state, batch) -> (state, metrics)``.
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+    """The pure train step ``(state, batch, seed=seed) -> (state, metrics)``.
+
+    ``seed`` may be passed as a (traced) int32 scalar instead of baked in: the :class:`Trainer` does, so
+    one compiled step serves every ``train.seed`` (a seed sweep compiles once, through the persistent
+    compilation cache). The step's key is ``fold_in(PRNGKey(seed), state.step)`` either way.
 
     ``skip_losses``: loss groups the model does not compute (``MaskRCNN.losses(skip=...)``; see
     ``optim.skipped_losses``: the losses of frozen parts).
@@ -60,7 +64,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     """
     stop_mode = on_nonfinite == "stop"
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, seed: Array | int = seed) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
         def loss_fn(params):

@@ -21,13 +21,29 @@ from maskx_jax.train.distributed import DATA_AXIS, create_mesh
 from maskx_jax.train.step import TrainState, make_train_step
 from maskx_jax.types import Batch, Detections
 
-ModelFn = Callable[[ml_collections.ConfigDict, int, int], nnx.Module]
+# (config, num_classes, seed) -> model; seed is ``jax.random.key(train.seed)``, traced inside the jitted init
+# (``nnx.Rngs`` takes it as it takes an int, with the same streams).
+ModelFn = Callable[[ml_collections.ConfigDict, int, Any], nnx.Module]
 
 
-def _default_model_fn(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> nnx.Module:
+def _default_model_fn(config: ml_collections.ConfigDict, num_classes: int, seed: Any) -> nnx.Module:
     from maskx_jax.model_builder import build_model
 
     return build_model(config, num_classes, seed=seed)
+
+
+class _SeededStep:
+    """The jitted ``(state, batch, seed)`` step seen as ``(state, batch)``, with ``lower`` for AOT use."""
+
+    def __init__(self, jitted: Any, seed: np.ndarray):
+        self.jitted = jitted
+        self.seed = seed
+
+    def __call__(self, state: Any, batch: Batch) -> tuple[Any, dict]:
+        return self.jitted(state, batch, self.seed)
+
+    def lower(self, state: Any, batch: Any) -> Any:
+        return self.jitted.lower(state, batch, self.seed)
 
 
 class Trainer:
@@ -37,7 +53,11 @@ class Trainer:
       config: the full config (``model``, ``train`` sections are read).
       num_classes: number of classes including the background.
       model_fn: ``(config, num_classes, seed) -> nnx.Module`` with ``losses(batch, rng)`` and
-        ``predict(images, image_sizes)``; defaults to ``model_builder.build_model``.
+        ``predict(images, image_sizes)``; defaults to ``model_builder.build_model``. ``seed`` is a PRNG
+        key (give it to ``nnx.Rngs``).
+
+    ``train.seed`` is an argument of the compiled init and step, not a constant in them: runs that differ
+    only in the seed share one compiled program (JAX's persistent compilation cache finds it).
       mesh: defaults to :func:`create_mesh` over every device.
     """
 
@@ -58,8 +78,8 @@ class Trainer:
 
         graphdefs = []
 
-        def init() -> TrainState:
-            model = self.model_fn(config, num_classes, int(t.seed))
+        def init(seed: jax.Array) -> TrainState:
+            model = self.model_fn(config, num_classes, jax.random.key(seed))
             # Frozen parts go to ``rest``: the step differentiates only ``params``, so JAX computes no
             # backward pass into them and the optimiser holds no state (and applies no decay) for them.
             graphdef, params, rest = nnx.split(model, trainable_filter(self.freeze), ...)
@@ -68,18 +88,20 @@ class Trainer:
                               skipped=jnp.zeros((), jnp.int32), halted_at=jnp.full((), -1, jnp.int32))
 
         # Trace once without computing anything: shapes for the shardings and the graph definition.
-        shapes = jax.eval_shape(init)
+        self._seed = np.int32(t.seed)
+        shapes = jax.eval_shape(init, jax.ShapeDtypeStruct((), jnp.int32))
         self.graphdef = graphdefs[-1]
         self.state_shardings = self._state_shardings(shapes)
         self._abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings)
         # Parameters are created directly with their sharding (no host copy, no device-0 detour).
-        self._init = jax.jit(init, out_shardings=self.state_shardings)
+        self._init = jax.jit(init, in_shardings=self.replicated, out_shardings=self.state_shardings)
         self.skip_losses = skipped_losses(self.freeze)
         step_fn = make_train_step(self.graphdef, self.tx, self.schedule, int(t.seed), t.on_nonfinite,
                                   self.skip_losses)
-        self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                                  out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+        self.train_step = _SeededStep(
+            jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,)), self._seed)
 
         graphdef = self.graphdef
 
@@ -97,7 +119,7 @@ class Trainer:
         return self._abstract_state
 
     def init_state(self) -> TrainState:
-        return self._init()
+        return self._init(self._seed)
 
     def global_batch(self, local: Batch) -> Batch:
         """Process-local NumPy batch (``batch_size / process_count`` images) -> global sharded arrays."""
