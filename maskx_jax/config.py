@@ -26,6 +26,7 @@ SYNTHETIC_VARIANTS = ("shapes10", "shapes24")  # maskx_jax.data.synthetic.VARIAN
 MASK_SUPERVISION = ("by_class", "by_annotation")
 BOX_SOURCES = ("", "coco", "tfds", "synthetic")  # data.box_source ("" = none)
 UNMATCHED_POLICIES = ("error", "add")  # data.box_source_unmatched
+ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -208,7 +209,12 @@ def recipe_of(c: ml_collections.ConfigDict) -> str:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Check options against each other; raise one ValueError listing every problem."""
+    """Check options against each other; raise one ValueError listing every problem.
+
+    Every check that needs only the config is here. The one place that checks the config against the
+    hardware (the batch against the mesh's devices and the processes) is
+    :func:`maskx_jax.train.config_checks.check_scaling`. ``train_lib.train`` and ``Trainer`` call both.
+    """
     errors = []
 
     def check(cond: bool, msg: str) -> None:
@@ -259,7 +265,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
               "data.box_source_json / box_source_images / box_source_class_map are set but data.box_source is empty")
     check(d.source != "coco" or bool(d.train_json and d.train_images),
           "data.source=coco needs data.train_json and data.train_images")
+    check(d.num_workers >= 0, f"data.num_workers must be >= 0 (0 = decode in this process), got {d.num_workers}")
+    check(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
+    check(t.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite must be one of {ON_NONFINITE}, got {t.on_nonfinite!r}")
+    check(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every and train.log_every must be >= 1")
     # Tuple-valued keys: a command-line override can give them any shape, so check it here
     # rather than deep inside the model's tracing.
     def numbers(v, kind=(int, float)) -> bool:

@@ -78,16 +78,12 @@ def find_workdir(path: str) -> tuple[str, int | None] | None:
 CLASS_COUNT_VARIABLE = "roi_heads.box_predictor.cls_score.bias"  # [K+1]: the class count of a detector
 
 
-def _checkpoint_step(workdir: str, config: Any, step: int | None) -> int:
-    """``step`` if ``WORKDIR/checkpoints`` holds it (default: the latest complete one), else FileNotFoundError."""
-    from maskx_jax.train.checkpointing import make_checkpoint_manager
+def _checkpoint_step(manager: Any, workdir: str, step: int | None) -> int:
+    """``step`` if the work directory's checkpoint ``manager`` holds it (default: the latest complete one), else
+    FileNotFoundError."""
     from maskx_jax.train.layout import CHECKPOINT_DIR
 
-    manager = make_checkpoint_manager(workdir, config)
-    try:
-        steps = manager.all_steps()
-    finally:
-        manager.close()
+    steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
     if step is None:
@@ -120,9 +116,9 @@ def load_variables(path: str, step: int | None = None, *, verify: bool = True) -
         raise FileNotFoundError(f"{path} is not a training work directory (config.json + checkpoints/)")
     workdir, path_step = found
     config = read_config(workdir)
-    step = _checkpoint_step(workdir, config, path_step if step is None else step)
     manager = make_checkpoint_manager(workdir, config)
     try:
+        step = _checkpoint_step(manager, workdir, path_step if step is None else step)
         named = restore_variables(manager, step, verify=verify)
     finally:
         manager.close()

@@ -143,14 +143,16 @@ def _install_nan(step: int) -> None:
 
     from maskx_jax.data import pipeline
 
-    finish = pipeline.TrainIterator._finish
+    next_ = pipeline.TrainIterator.__next__
 
-    def nan_finish(self, s, arrays, results):
+    def nan_next(self):
+        s = self.step
+        batch = next_(self)
         if s == step:
-            arrays["images"][:] = np.nan
-        return finish(self, s, arrays, results)
+            batch = batch.replace(images=np.full_like(batch.images, np.nan))
+        return batch
 
-    pipeline.TrainIterator._finish = nan_finish
+    pipeline.TrainIterator.__next__ = nan_next
 
 
 if __name__ == "__main__":

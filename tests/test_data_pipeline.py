@@ -206,29 +206,32 @@ def test_eval_batches_in_order_with_padding(synth_dir):
     assert [len(r) for _, r in pipeline.make_eval_batches(c, batch_size=2, max_images=3, info=info)] == [2, 1]
 
 
-def _threads_back_to(n, timeout=10.0):
+def _all_end(threads, timeout=10.0):
     """The decoding thread ends once the batch it is building is done (grain does not wait for it)."""
     deadline = time.monotonic() + timeout
-    while threading.active_count() > n and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return threading.active_count() == n
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0.0))
+    return not any(t.is_alive() for t in threads)
 
 
 def test_background_thread_shuts_down(synth_dir):
     c = _config(synth_dir)
     info = pipeline.load_datasets(c)
-    before = threading.active_count()
+    before = set(threading.enumerate())
     it = pipeline.make_train_iterator(c, info=info)
     next(it)
-    assert threading.active_count() > before  # decoding ahead on a thread of this process
+    started = set(threading.enumerate()) - before
+    assert started  # decoding ahead on a thread of this process
     it.close()
-    assert _threads_back_to(before)
+    assert _all_end(started)
     with pytest.raises(StopIteration):
         next(it)
+    before = set(threading.enumerate())
     gen = pipeline.make_eval_batches(c, batch_size=1, info=info)
     next(gen)
+    started = set(threading.enumerate()) - before
     gen.close()
-    assert _threads_back_to(before)
+    assert _all_end(started)
 
 
 def test_scaled_down_to_fit_and_too_many_instances(synth_dir):

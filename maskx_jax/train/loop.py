@@ -26,6 +26,7 @@ from absl import logging
 from maskx_jax.one_behind import OneBehind
 from maskx_jax.train import checkpointing
 from maskx_jax.train.checkpointing import make_checkpoint_manager
+from maskx_jax.config import validate
 from maskx_jax.train.config_checks import (check_resume_config, check_scaling, check_trainer_config,
                                            format_differences, write_config)
 from maskx_jax.train.datasets import default_train_iter, load_datasets
@@ -66,7 +67,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
     """Train for ``train.steps`` steps in ``workdir``, resuming from its latest checkpoint if any.
 
     Args:
-      config: the full, validated config.
+      config: the full config (:func:`maskx_jax.config.validate` runs first).
       workdir: output directory (created); see the module docstring for its layout.
       trainer: reuse compiled functions (tests); built from ``config`` otherwise.
       model_fn, num_classes, train_iter_fn: overrides of the model builder, the class count (else
@@ -78,6 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
       ConfigMismatchError: ``workdir`` holds a checkpoint trained with another architecture.
       NonFiniteLossError: a non-finite loss under ``train.on_nonfinite='stop'``.
     """
+    validate(config)  # before anything is written
     t = config.train
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maskx_jax.config import validate
 from maskx_jax.optim import make_optimizer, make_schedule, skipped_losses, trainable_filter
 from maskx_jax.train.config_checks import check_scaling
 from maskx_jax.train.distributed import DATA_AXIS, create_mesh
@@ -67,6 +68,7 @@ class Trainer:
         self.num_classes = num_classes
         self.model_fn = model_fn or _default_model_fn
         self.mesh = mesh or create_mesh()
+        validate(config)
         check_scaling(config, self.mesh)
         t = config.train
         self.freeze = str(t.get("freeze", ""))
