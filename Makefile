@@ -35,9 +35,9 @@ demo: $(STAMP)
 	$(PY) -m maskx_jax.demo --workdir runs/demo
 
 # maskx_jax vs torchvision (speed, compile, memory, FLOPs), the large-vocabulary mask branch, then the
-# training step's convolutions one by one, the host input pipeline alone. Tables: benchmarks/results/*.md.
-# Measure on a quiet machine:
-# every figure is a wall-clock measurement.
+# training step's convolutions one by one, the host input pipeline alone, and where the training step's peak
+# memory goes. Tables: benchmarks/results/*.md. Measure on a quiet machine: every figure is a wall-clock
+# measurement.
 # Every benchmark process gets glibc's transparent-huge-page advice (benchmarks/common.py says why).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 
@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(HUGEPAGES) $(PY) benchmarks/large_vocab.py
 	$(HUGEPAGES) $(PY) benchmarks/conv_layers.py
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/train_memory.py
 
 clean:
 	rm -rf $(VENV) runs

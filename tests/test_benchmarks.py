@@ -101,3 +101,15 @@ def test_input_pipeline_benchmark_writes_its_rows(tmp_path):
     assert (row["dataset"], row["workers"]) == ("minicoco", 1)
     assert row["images_per_s"] > 0 and row["cpu_s_per_image"] > 0 and row["rss_mib"] > 100
     assert "| minicoco | 1 |" in (tmp_path / "input_pipeline.md").read_text()
+
+
+def test_train_memory_benchmark_splits_the_peak(tmp_path):
+    """One small case: the compile's and the step's peaks are recorded with XLA's buffer sizes."""
+    # (conv_impl=auto: XLA:CPU's own convolution gradients inside the mask branch's switch take minutes here)
+    proc = _run(["benchmarks/train_memory.py", "--size", "64", "--cases", "auto:class_specific"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "train_memory.json").read_text())["rows"]
+    assert (row["conv_impl"], row["mask_mode"], row["size"]) == ("auto", "class_specific", 64)
+    assert 0 < row["rss_before_compile_mib"] <= row["rss_after_compile_mib"] <= row["rss_after_steps_mib"]
+    assert row["temp_mib"] > 0 and row["argument_mib"] > 100  # R50-FPN's parameters and momentum
+    assert "| auto | class_specific |" in (tmp_path / "train_memory.md").read_text()
