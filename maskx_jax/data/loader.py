@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 import threadpoolctl
-from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # grain exports no public name for it
+from grain.multiprocessing import SharedMemoryArray
 
 # Long enough to never end in practice; grain's ranges need a stop below sys.maxsize.
 FOREVER = 2**60

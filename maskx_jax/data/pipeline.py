@@ -33,11 +33,10 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from maskx_jax.data import prepare, sources
+from maskx_jax.data import loader, prepare, sources
 from maskx_jax.data.classes import has_mask_by_class, mask_counts, parse_set_a, set_a_from_annotations
 from maskx_jax.data.issues import Issues
 from maskx_jax.data.mixture import BoxOnlySource, ConcatSource, mixed_step_indices
-from maskx_jax.data import loader
 from maskx_jax.data.loader import BatchStream
 from maskx_jax.data.records import STANDIN_IMAGE_SIZE, Example, ImageRecord, Source
 from maskx_jax.data.vocab import merge_vocabularies, read_class_map
