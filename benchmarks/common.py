@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -65,6 +66,17 @@ def write_rows(out_dir: str, name: str, rows: list[dict], markdown: Callable[[di
     result = {"environment": environment(), "rows": rows}
     write_results(out_dir, name, result, markdown(result))
     return 1 if any("error" in r for r in rows) else 0
+
+
+def run_case(script: str, args: list[str], env: dict | None = None) -> dict:
+    """Runs ``python script *args`` (a benchmark's ``--worker`` mode) in its own process and returns the JSON
+    row it printed last, or ``{"error": <its last line of output>}``."""
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": tail[-1] if tail else f"exit {proc.returncode}"}
+    return json.loads(lines[-1])
 
 
 def peak_rss_mib() -> float:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, write_rows
+from benchmarks.common import ROOT, run_case, write_rows
 
 MINICOCO = os.path.join(os.path.dirname(ROOT), "shared", "data", "minicoco")
 BATCH = 8
@@ -137,17 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets.split(","):
         for workers in (int(w) for w in args.workers.split(",")):
             print(f"{dataset}, {workers} worker(s) ...", end=" ", flush=True)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", f"{dataset}:{workers}",
-                                   "--batches", str(args.batches)], cwd=ROOT, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()
-                error = tail[-1] if tail else f"exit {proc.returncode}"
-                rows.append({"dataset": dataset, "workers": workers, "error": error})
+            row = run_case(os.path.abspath(__file__), ["--worker", f"{dataset}:{workers}", "--batches",
+                                                       str(args.batches)])
+            if "error" in row:
+                rows.append({"dataset": dataset, "workers": workers, **row})
                 print("error", flush=True)
                 continue
-            rows.append(json.loads(lines[-1]))
-            print(f"{rows[-1]['images_per_s']:.1f} images/s", flush=True)
+            rows.append(row)
+            print(f"{row['images_per_s']:.1f} images/s", flush=True)
     return write_rows(args.out, "input_pipeline", rows, markdown)
 
 

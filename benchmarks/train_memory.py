@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, with_hugepages, write_rows
+from benchmarks.common import ROOT, run_case, with_hugepages, write_rows
 
 DEFAULT_CASES = "auto:class_specific,xla:class_specific,auto:transfer"
 
@@ -89,17 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases.split(","):
         conv_impl, mask_mode = case.split(":")
         print(f"{conv_impl}, {mask_mode} ...", end=" ", flush=True)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case, "--size", str(args.size)],
-                              cwd=ROOT, capture_output=True, text=True, env=with_hugepages(dict(os.environ)))
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()
-            rows.append({"conv_impl": conv_impl, "mask_mode": mask_mode,
-                         "error": tail[-1] if tail else f"exit {proc.returncode}"})
+        row = run_case(os.path.abspath(__file__), ["--worker", case, "--size", str(args.size)],
+                       env=with_hugepages(dict(os.environ)))
+        if "error" in row:
+            rows.append({"conv_impl": conv_impl, "mask_mode": mask_mode, **row})
             print("error", flush=True)
             continue
-        rows.append(json.loads(lines[-1]))
-        print(f"peak {rows[-1]['rss_after_steps_mib']:.0f} MiB", flush=True)
+        rows.append(row)
+        print(f"peak {row['rss_after_steps_mib']:.0f} MiB", flush=True)
     return write_rows(args.out, "train_memory", rows, markdown)
 
 
