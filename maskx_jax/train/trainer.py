@@ -56,10 +56,10 @@ class Trainer:
       model_fn: ``(config, num_classes, seed) -> nnx.Module`` with ``losses(batch, rng)`` and
         ``predict(images, image_sizes)``; defaults to ``model_builder.build_model``. ``seed`` is a PRNG
         key (give it to ``nnx.Rngs``).
+      mesh: defaults to :func:`create_mesh` over every device.
 
     ``train.seed`` is an argument of the compiled init and step, not a constant in them: runs that differ
     only in the seed share one compiled program (JAX's persistent compilation cache finds it).
-      mesh: defaults to :func:`create_mesh` over every device.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int, *, model_fn: ModelFn | None = None,
