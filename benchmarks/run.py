@@ -30,7 +30,7 @@ SIZES = ((800, 1333), (512, 512))
 def plan(quick: bool, only: set[str] | None, smoke: bool = False) -> list[dict]:
     """The case specs, in run order: {"case": name, "framework": ..., **kwargs}.
 
-    ``smoke``: seconds-long toy versions of the cheap cases (tests/test_benchmarks.py runs the whole
+    ``smoke``: seconds-long toy versions of the cheap cases (tests/integration/test_benchmarks.py runs the whole
     driver this way so the benchmark code cannot rot); its figures mean nothing.
     """
     if smoke:

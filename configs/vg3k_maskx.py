@@ -13,7 +13,7 @@ Data (source=coco, no new loader needed): one COCO-format training JSON whose ``
 VG classes (the same list as stage 1's, so the class count and order match the detector), holding the COCO
 instances with their masks, labelled with the COCO names below (set A); a VG category with a COCO name is
 the same class. The class count comes from the data: K = 3000 gives ``num_classes`` = 3001
-(:data:`NUM_CLASSES`, used by ``benchmarks/large_vocab.py`` and ``tests/test_large_vocab.py``). VG has no
+(:data:`NUM_CLASSES`, used by ``benchmarks/large_vocab.py`` and ``tests/model/test_large_vocab.py``). VG has no
 instance masks, so a VG validation JSON scores boxes for all classes and masks wherever the JSON has them.
 
 Inference cost of the mask branch does not grow with K: ``MaskRCNN.mask_logits`` gathers each

@@ -60,7 +60,6 @@ IMAGES_FILE = "images.json"
 DEFAULT_MIN_SIZE = 800
 DEFAULT_MAX_SIZE = 1333
 DEFAULT_SCORE_THRESH = 0.5
-PASTE_PIXELS = 200_000_000  # mask pasting: detections per call x image pixels (float32 canvas) at most this
 
 log = logging_std.getLogger("maskx_jax.predict")
 
@@ -389,13 +388,13 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
     Returns a summary {images, skipped, detections, drawn, pictures: [paths], results: path}.
     """
     import jax
-    from pycocotools import mask as mask_utils
     from tqdm.auto import tqdm
 
     from maskx_jax import visualize
     from maskx_jax.data.issues import Issues
-    from maskx_jax.evaluate import detections_to_coco
+    from maskx_jax.eval.coco_results import detections_to_coco
     from maskx_jax.one_behind import OneBehind
+    from maskx_jax.eval.pictures import PASTE_PIXELS, draw_row
 
     thresh = predictor.score_thresh if score_thresh is None else float(score_thresh)
     os.makedirs(output, exist_ok=True)
@@ -443,22 +442,13 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
             results.extend(res)
             images_meta.append({"id": int(ids[i]), "file_name": os.path.abspath(paths[i]), "height": int(h),
                                 "width": int(w), "picture": names[i]})
-            show = [j for j, r in enumerate(res) if r["score"] >= thresh]
-            boxes = np.array([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
-                              for r in (res[j] for j in show)], np.float32).reshape(-1, 4)
-            masks = None
-            if show and predictor.has_masks:
-                rles = [dict(res[j]["segmentation"], counts=res[j]["segmentation"]["counts"].encode("ascii"))
-                        for j in show]
-                masks = np.transpose(mask_utils.decode(rles), (2, 0, 1)).astype(bool)
-            labels = np.asarray(one.labels[0])[keep][show] if show else np.zeros((0,), np.int64)
-            scores = np.array([res[j]["score"] for j in show], np.float32)
-            picture = visualize.draw_detections(image, boxes, labels, scores, masks, class_names=predictor.class_names,
-                                                set_b_ids=predictor.set_b_ids)
+            picture, shown = draw_row(image, one, 0, sizes[row], score_thresh=thresh,
+                                        class_names=predictor.class_names, set_b_ids=predictor.set_b_ids,
+                                        with_masks=predictor.has_masks)
             path = os.path.join(output, names[i])
             visualize.save_png(path, picture)
             pictures.append(path)
-            drawn += len(show)
+            drawn += shown
             bar.update(1)
 
     chunks = [range(s, min(s + bsz, len(paths))) for s in range(0, len(paths), bsz)]

@@ -2,7 +2,7 @@
 
 The results file (``benchmarks/results/transfer.json``, written by :mod:`maskx_jax.transfer_experiment`)
 holds one value per seed, in seed order, for every run; everything here is derived from it, so the
-README's table can be regenerated from the committed file and checked against it (tests/test_docs.py).
+README's table can be regenerated from the committed file and checked against it (tests/docs/test_docs.py).
 
 Statistics, over seeds (n = number of seeds with a value in every arm compared):
   * mean and sample standard deviation (ddof 1) of each arm;

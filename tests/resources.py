@@ -14,7 +14,8 @@ import types
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # the helpers (train_fixtures.py, ...) live here
+ROOT = os.path.dirname(TESTS_DIR)  # the repository
 MINICOCO = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "minicoco"))
 
 

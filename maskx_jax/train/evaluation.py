@@ -24,13 +24,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
              info: Any = None) -> dict | None:
     """COCO evaluation of ``state`` (default: the latest checkpoint in ``workdir``) on the validation set.
 
-    Writes ``WORKDIR/metrics.json`` (AP for all / set A / set B, see :mod:`maskx_jax.evaluate`),
+    Writes ``WORKDIR/metrics.json`` (AP for all / set A / set B, see :mod:`maskx_jax.eval.coco_eval`),
     ``eval.num_pictures`` prediction PNGs to ``WORKDIR/pictures`` and the APs to TensorBoard at
     ``step``. ``eval.max_images`` limits the images. Every process must call this (the forward
     pass is one program over the whole mesh); only process 0 writes. Returns the metrics
     (``None`` when the data has no validation set).
     """
-    from maskx_jax import evaluate as evaluate_lib
+    from maskx_jax.eval.run import evaluate_model
     from maskx_jax.data import pipeline
 
     workdir = os.path.abspath(workdir)
@@ -58,7 +58,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
     main = jax.process_index() == 0
     batches = pipeline.make_eval_batches(config, "val", max_images=int(config.eval.max_images), info=info)
     set_a_cat_ids = [info.contiguous_to_cat_id[i] for i in info.set_a_ids if i in info.contiguous_to_cat_id]
-    metrics = evaluate_lib.evaluate_model(
+    metrics = evaluate_model(
         predict_fn, batches, info.val_json, info.contiguous_to_cat_id, set_a_cat_ids,
         output_json=os.path.join(workdir, METRICS_FILE) if main else None,
         with_masks=bool(info.val_has_masks) and config.model.mask_mode != "none", progress=progress and main,
@@ -114,24 +114,16 @@ def draw_predictions(det: Detections, batch: Batch, records: list, info: Any,
                      thresh: float) -> list[tuple[Any, np.ndarray]]:
     """[(record, uint8 HWC picture)] for the rows of an evaluation batch (``make_eval_batches``):
     detections scoring >= ``thresh`` drawn on the original image (set-B classes marked)."""
-    from maskx_jax import visualize
-    from maskx_jax.evaluate import paste_binary_masks
-    from maskx_jax.transform import resize_boxes
+    from maskx_jax.eval import pictures
 
+    det = jax.device_get(det)
     out = []
     for row, record in enumerate(records):
         example = info.val.load(record.index, info.has_mask_by_class)
         if example is None:
             continue
-        keep = np.flatnonzero(np.asarray(det.valid[row]) & (np.asarray(det.scores[row]) >= thresh))
-        height, width = example.image.shape[:2]
-        boxes = resize_boxes(np.asarray(det.boxes[row])[keep], batch.image_sizes[row], (height, width))
-        masks = None
-        if info.val_has_masks and det.masks is not None:
-            masks = paste_binary_masks(np.asarray(det.masks[row], np.float32)[keep], boxes, height, width)
-            masks = np.transpose(masks, (2, 0, 1)).astype(bool)
-        picture = visualize.draw_detections(
-            example.image, boxes, np.asarray(det.labels[row])[keep], np.asarray(det.scores[row])[keep], masks,
-            class_names=info.class_names, set_b_ids=info.set_b_ids)
+        picture, _ = pictures.draw_row(example.image, det, row, batch.image_sizes[row], score_thresh=thresh,
+                                       class_names=info.class_names, set_b_ids=info.set_b_ids,
+                                       with_masks=bool(info.val_has_masks))
         out.append((record, picture))
     return out

@@ -17,7 +17,7 @@ this algorithm among those they pick from; XLA:CPU has none.
 Numerics: the transforms use the interpolation points 0, ±1, ±2, ∞, whose coefficients (up to 8 and
 1/24) cost float32 accuracy: outputs differ from the direct convolution by ~5e-6 relative to their
 scale (the direct form's own rounding is ~1e-7), far inside this project's parity tolerances
-(tests/test_winograd.py, tests/test_detector_parity.py). Only float32 takes this path.
+(tests/unit/test_winograd.py, tests/parity/test_detector_parity.py). Only float32 takes this path.
 
 Gradients (a custom VJP; the residuals are the input and the kernel, as for the direct form):
   * input gradient: the full correlation of the cotangent with the flipped, in/out-swapped kernel,

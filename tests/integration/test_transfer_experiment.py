@@ -20,7 +20,7 @@ from maskx_jax.transfer_experiment import ARMS, Protocol, main as experiment_mai
 # limit; on a shared machine it took more than pytest's 900 s, so this file gets twice that.
 pytestmark = pytest.mark.timeout(1800)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.resources import ROOT
 CONFIG = os.path.join(ROOT, "configs", "transfer_shapes10.py")  # what make demo runs too
 # A toy-sized model and data on top of the experiment's config (the schedule comes from the protocol).
 TOY = (("model.fpn_channels", 16), ("model.representation", 32), ("model.mask_head_channels", 8),
@@ -182,7 +182,8 @@ def test_demo_shows_the_controlled_comparison(experiment, capsys):
 def test_trained_workdirs_export_to_torchvision(experiment, tmp_path):
     """``python -m convert.to_torch`` on work directories trained here (the seed-0 detector, box-only, and its
     Mask^X + MLP fusion arm): the files are written, load_exported builds the model and loads them strictly, and
-    its mask predictor computes the JAX model's logits for every class (full parity: tests/test_export_torch.py)."""
+    its mask predictor computes the JAX model's logits for every class (full parity:
+    tests/parity/test_export_torch.py)."""
     import jax.numpy as jnp
     import torch
     from flax import nnx
@@ -221,7 +222,7 @@ def test_trained_workdirs_export_to_torchvision(experiment, tmp_path):
 def test_evaluate_any_checkpoint_reproduces_the_runs_metrics(experiment, tmp_path):
     """``maskx-evaluate`` on a work directory and a COCO JSON gives the metrics the run itself wrote (same model,
     images, split): the set A / set B split comes from the work directory's dataset."""
-    from maskx_jax import evaluate_cli
+    from maskx_jax.eval import cli as evaluate_cli
 
     root, _ = experiment
     workdir = root / "runs" / "seed0" / "transfer_mlp"

@@ -3,8 +3,9 @@ the committed files."""
 import os
 
 from maskx_jax.config import base_config
+from tests.resources import ROOT
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+README = os.path.join(ROOT, "README.md")
 
 
 def _keys(cfg, prefix=""):

@@ -16,6 +16,7 @@ import pytest
 from maskx_jax.config import base_config
 from maskx_jax.data import loader, pipeline
 from maskx_jax.data.synthetic import generate_synthetic
+from tests.resources import ROOT, TESTS_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -135,7 +136,7 @@ def test_workers_end_when_the_trainer_is_killed(data_root, tmp_path):
     script = tmp_path / "consumer.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys, time
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path[:0] = [{os.path.dirname(os.path.abspath(__file__))!r}, {TESTS_DIR!r}, {ROOT!r}]
         from test_data_workers import _config
         from maskx_jax.data import pipeline
         if __name__ == "__main__":

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository (tests/unit/ -> tests/ -> root)
 
 
 def _collect_only(min_free_gib: str) -> subprocess.CompletedProcess:
@@ -11,7 +12,7 @@ def _collect_only(min_free_gib: str) -> subprocess.CompletedProcess:
     # --collect-only: the session starts (and checks the disk) without running any test.
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
                            os.path.join(HERE, "test_disk_check.py")],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=os.path.dirname(HERE))
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_too_little_free_space_stops_the_run_with_a_clear_error():

@@ -1,4 +1,6 @@
 """Mask^X R-CNN heads and partial supervision: what the mask loss may and may not train."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +13,22 @@ from maskx_jax.weight_transfer import WeightTransfer, class_embedding
 from tests.model_utils import synthetic_batch, tiny_config
 
 
-def _mask_loss_grads(cfg, batch, key=0):
+@functools.lru_cache(maxsize=None)
+def _mask_loss_fn(cfg):
+    """(jitted ``(params, batch, key) -> (loss_mask, grads)``, params) of a model built from ``cfg`` (seed 0):
+    one compile per config, shared by every batch of the same shapes."""
     model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss(p):
-        return nnx.merge(graphdef, p, rest).losses(batch, jax.random.key(key))[1]["loss_mask"]
+    def loss(p, batch, key):
+        return nnx.merge(graphdef, p, rest).losses(batch, key)[1]["loss_mask"]
 
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return jax.jit(jax.value_and_grad(loss)), params
+
+
+def _mask_loss_grads(cfg, batch, key=0):
+    fn, params = _mask_loss_fn(cfg)
+    value, grads = fn(params, batch, jax.random.key(key))
     return float(value), grads
 
 
@@ -189,14 +199,15 @@ def test_box_only_detector_has_no_mask_branch(batch):
 
 def test_skipped_loss_groups_are_not_computed_and_the_rest_unchanged(batch):
     model = MaskRCNN(tiny_config(), rngs=nnx.Rngs(0))
-    _, every = model.losses(batch, jax.random.key(0))
-    _, mask_only = model.losses(batch, jax.random.key(0), skip=("rpn", "box"))
+    losses = jax.jit(lambda m, skip: m.losses(batch, jax.random.key(0), skip=skip), static_argnums=1)
+    _, every = losses(model, ())
+    _, mask_only = losses(model, ("rpn", "box"))
     assert set(mask_only) == {"loss_mask"}
     np.testing.assert_allclose(float(mask_only["loss_mask"]), float(every["loss_mask"]), rtol=1e-6)
-    _, no_rpn = model.losses(batch, jax.random.key(0), skip=("rpn",))
+    _, no_rpn = losses(model, ("rpn",))
     assert set(no_rpn) == {"loss_classifier", "loss_box_reg", "loss_mask"}
     with pytest.raises(ValueError, match="unknown loss groups"):
-        model.losses(batch, jax.random.key(0), skip=("boxes",))
+        losses(model, ("boxes",))
 
 
 @pytest.mark.parametrize("freeze,skipped", [("", ()), ("detector", ("rpn", "box")), ("backbone", ()),
@@ -261,5 +272,6 @@ def test_mlp_fusion_is_in_the_training_loss(batch):
     model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
     model.roi_heads.mask_predictor.mask_mlp.bias[...] = jnp.full_like(model.roi_heads.mask_predictor.mask_mlp.bias[...],
                                                                       3.0)
-    shifted = float(model.losses(batch, jax.random.key(0))[1]["loss_mask"])
+    fn, _ = _mask_loss_fn(cfg)  # the compiled loss; the same graph and non-parameter state (seed 0)
+    shifted = float(fn(nnx.split(model, nnx.Param, ...)[1], batch, jax.random.key(0))[0])
     assert abs(shifted - value) > 1e-3

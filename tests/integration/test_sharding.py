@@ -15,8 +15,7 @@ import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from tests.resources import ROOT, TESTS_DIR as HERE  # HERE: train_fixtures.py, the worker script
 
 
 def _env(devices: int) -> dict:

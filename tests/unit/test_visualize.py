@@ -187,3 +187,42 @@ def test_mask_rim_on_the_bounding_box_equals_the_whole_image():
     assert rim[40, 70] and rim[69, 70] and rim[45, 117] and rim[49, 90]  # top, bottom, right edge; around the hole
     # Instance 0 (clipped by the image border) away from its outline and label.
     np.testing.assert_array_equal(out[20:28, 20:48], expected[20:28, 20:48])
+
+
+def _detections():
+    """One image's detections in a 32x32 network input: a valid one (score 0.9), a valid one under the picture
+    threshold (0.2) and an invalid slot."""
+    from maskx_jax.types import Detections
+
+    boxes = np.array([[[4, 4, 20, 28], [2, 2, 10, 10], [0, 0, 31, 31]]], np.float32)
+    masks = np.zeros((1, 3, 28, 28), np.float32)
+    masks[0, :, 7:21, 7:21] = 0.9
+    return Detections(boxes=boxes, scores=np.array([[0.9, 0.2, 0.0]], np.float32),
+                      labels=np.array([[1, 2, 1]], np.int32), valid=np.array([[True, True, False]]), masks=masks)
+
+
+def test_draw_row_maps_boxes_and_masks_to_the_original_image(monkeypatch):
+    """pictures.draw_row (training's pictures and predict): the detections over the threshold, boxes scaled from
+    the network input (32x32) to the original (64x64), masks pasted there, drawn like draw_detections."""
+    from maskx_jax.eval import pictures
+    from maskx_jax.eval.coco_results import paste_binary_masks
+
+    image = np.full((64, 64, 3), 128, np.uint8)
+    det = _detections()
+    drawn, n = pictures.draw_row(image, det, 0, (32, 32), score_thresh=0.5, class_names=NAMES, set_b_ids=(2,))
+    assert n == 1
+    box = np.array([[8, 8, 40, 56]], np.float32)  # x2 in both axes
+    mask = np.transpose(paste_binary_masks(det.masks[0, :1], box, 64, 64), (2, 0, 1)).astype(bool)
+    assert mask.any()
+    expected = visualize.draw_detections(image, box, [1], [0.9], mask, NAMES, set_b_ids=(2,))
+    np.testing.assert_array_equal(drawn, expected)
+    # a lower threshold draws the second detection too; boxes only without masks
+    assert pictures.draw_row(image, det, 0, (32, 32), score_thresh=0.1, class_names=NAMES)[1] == 2
+    boxes_only, _ = pictures.draw_row(image, det, 0, (32, 32), score_thresh=0.5, class_names=NAMES, with_masks=False)
+    np.testing.assert_array_equal(boxes_only, visualize.draw_detections(image, box, [1], [0.9], None, NAMES))
+    # pasting in groups (large photos) gives the one-call paste
+    many = np.repeat(det.masks[0, :1], 40, axis=0)
+    boxes = np.repeat(box, 40, axis=0)
+    whole = pictures.pasted_masks(many, boxes, 64, 64)
+    monkeypatch.setattr(pictures, "PASTE_PIXELS", 64 * 64 * 16)
+    np.testing.assert_array_equal(pictures.pasted_masks(many, boxes, 64, 64), whole)

@@ -49,23 +49,23 @@ TIMEOUT_S = 600
 # README commands this test does not run, each with where it is run instead and why.
 COVERED_ELSEWHERE: dict[str, str] = {
     "make demo": "the demo itself: ~15 min of both cores (python -m maskx_jax.demo: one detector and three mask "
-                 "branches on configs/transfer_synthetic.py); tests/test_transfer_experiment.py runs the same "
-                 "driver for real at toy size (two seeds, every arm) and the demo's table on its first seed.",
+                 "branches on configs/transfer_synthetic.py); tests/integration/test_transfer_experiment.py runs "
+                 "the same driver for real at toy size (two seeds, every arm) and the demo's table on its first seed.",
     "python -m maskx_jax.transfer_experiment --config configs/transfer_shapes10.py --workdir runs/transfer_shapes10 "
     "--output benchmarks/results/transfer.json --chart docs/transfer.png":
-        "the multi-seed experiment: ~2.5 h of both cores; tests/test_transfer_experiment.py runs the same command "
-        "(main()) at toy size: two seeds, every arm, tables and chart.",
+        "the multi-seed experiment: ~2.5 h of both cores; tests/integration/test_transfer_experiment.py runs the "
+        "same command (main()) at toy size: two seeds, every arm, tables and chart.",
     "python -m maskx_jax.transfer_experiment --config configs/transfer_synthetic.py --workdir runs/transfer_shapes24 "
     "--output benchmarks/results/transfer_shapes24.json --chart docs/transfer_shapes24.png":
         "the same experiment on shapes24: ~3 h of both cores; the driver is tested at toy size (see above).",
     "make test": "runs the test suite, this file included (python -m pytest -q -n 2 --dist loadfile tests after the "
-                 "venv install, "
-                 "which needs the network or a wheel cache).",
+                 "venv install, which needs the network or a wheel cache).",
     "make bench": "25-35 min of wall-clock measurements (benchmarks/run.py, then benchmarks/large_vocab.py and "
-                  "benchmarks/conv_layers.py); tests/test_benchmarks.py runs the driver end to end at toy size "
-                  "(run.py --smoke) and conv_layers.py at 64x64, tables included.",
+                  "benchmarks/conv_layers.py); tests/integration/test_benchmarks.py runs the driver end to end at "
+                  "toy size (run.py --smoke) and conv_layers.py at 64x64, tables included.",
     "python benchmarks/pod_memory.py": "compiles R-50/R-101 train steps at 1024x1024 on 8 fake devices (~10 min); "
-                                       "tests/test_benchmarks.py runs the same script on R-18 at 64x64, 2 devices.",
+                                       "tests/integration/test_benchmarks.py runs the same script on R-18 at 64x64, "
+                                       "2 devices.",
 }
 
 # Paths the README takes from ``make demo`` -> the path a README command run here writes instead.
@@ -275,7 +275,7 @@ def test_every_readme_command_is_run_or_accounted_for():
         commands.add(item.text)
         if item.text not in COVERED_ELSEWHERE and plan_for(item) is None:
             uncovered.append(f"line {item.line}: {item.text}")
-    assert not uncovered, ("README commands neither run by tests/test_readme_commands.py nor listed in its "
+    assert not uncovered, ("README commands neither run by tests/docs/test_readme_commands.py nor listed in its "
                            "COVERED_ELSEWHERE:\n  " + "\n  ".join(uncovered))
     stale = sorted(set(COVERED_ELSEWHERE) - commands)
     assert not stale, f"COVERED_ELSEWHERE lists commands the README no longer shows: {stale}"

@@ -162,14 +162,14 @@ def test_two_sources_merged_classes_mix_and_mask_supervision(tmp_path, box_files
 
 
 def test_detections_of_classes_absent_from_the_ground_truth_are_left_out():
-    from maskx_jax import evaluate
+    from maskx_jax.eval import coco_results
     from maskx_jax.types import Detections
 
     det = Detections(boxes=np.tile(np.array([1.0, 2.0, 9.0, 9.0], np.float32), (1, 3, 1)),
                      scores=np.array([[0.9, 0.8, 0.7]], np.float32), labels=np.array([[1, 3, 2]], np.int32),
                      valid=np.ones((1, 3), bool), masks=np.zeros((1, 3, 28, 28), np.float32))
     args = (det, np.array([5]), np.array([[16, 16]]), np.array([[16, 16]]), {1: 11, 2: 22})
-    out = evaluate.detections_to_coco(*args, with_masks=False, unscored_labels=(3,))
+    out = coco_results.detections_to_coco(*args, with_masks=False, unscored_labels=(3,))
     assert [r["category_id"] for r in out] == [11, 22]
     with pytest.raises(ValueError, match=r"labels \[3\] have no COCO category id"):
-        evaluate.detections_to_coco(*args, with_masks=False)
+        coco_results.detections_to_coco(*args, with_masks=False)

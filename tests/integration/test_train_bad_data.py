@@ -17,7 +17,7 @@ from PIL import Image
 
 import train_subprocess as TS
 from maskx_jax.data.synthetic import generate_synthetic
-from test_data_coco import huge_png
+from tests.unit.test_data_coco import huge_png
 
 STEPS, BATCH = 8, 2  # 16 samples: every one of the 13 usable training records is decoded at least once
 

@@ -13,7 +13,7 @@ import pytest
 
 import train_fixtures as F
 from maskx_jax import config as config_lib
-from maskx_jax import evaluate as evaluate_lib
+from maskx_jax.eval import coco_eval
 from maskx_jax import train_lib
 from maskx_jax.data import pipeline
 from maskx_jax.data.coco import CocoSource
@@ -159,13 +159,13 @@ def test_mask_loss_counts_exactly_the_annotated_instances_and_eval_splits_sets(s
 
     # Training + evaluation: metrics for set A (classes with a mask annotation) and set B (the rest).
     calls = []
-    real = evaluate_lib.coco_evaluate
+    real = coco_eval.coco_evaluate
 
     def spy(gt, results, set_a_cat_ids, **kw):
         calls.append(sorted(set_a_cat_ids))
         return real(gt, results, set_a_cat_ids, **kw)
 
-    monkeypatch.setattr(evaluate_lib, "coco_evaluate", spy)
+    monkeypatch.setattr(coco_eval, "coco_evaluate", spy)
     result = train_lib.train(config, str(tmp_path / "run"), trainer=trainer, info=info, progress=False)
     assert calls == [sorted(info.contiguous_to_cat_id[i] for i in info.set_a_ids)]
     set_b_cat_ids = {info.contiguous_to_cat_id[i] for i in info.set_b_ids}

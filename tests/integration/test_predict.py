@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 
 from maskx_jax import predict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.resources import ROOT
 TESTS = os.path.join(ROOT, "tests")
 NUM_CLASSES = 5  # torchvision's count, background included
 
@@ -304,7 +304,7 @@ def test_package_version_and_console_scripts(tmp_path):
     assert maskx_jax.__version__ == md.version("maskx_jax")
     scripts = {e.name: e.value for e in md.entry_points(group="console_scripts") if e.name.startswith("maskx-")}
     assert scripts == {"maskx-train": "maskx_jax.train_cli:run", "maskx-predict": "maskx_jax.predict:main",
-                       "maskx-evaluate": "maskx_jax.evaluate_cli:main",
+                       "maskx-evaluate": "maskx_jax.eval.cli:main",
                        "maskx-convert": "maskx_jax.convert.from_torch:main",
                        "maskx-export": "maskx_jax.convert.to_torch:main",
                        "maskx-transfer-experiment": "maskx_jax.transfer_experiment:main"}

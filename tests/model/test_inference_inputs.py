@@ -2,7 +2,7 @@
 
 A toy Mask^X R-CNN (ResNet-18-FPN, random weights) goes through the documented inference path,
 ``transform.preprocess`` + ``detector.make_predict_fn`` + ``transform.resize_boxes`` +
-``paste.paste_masks``, and the evaluation path (``evaluate.detections_to_coco`` /
+``paste.paste_masks``, and the evaluation path (``coco_results.detections_to_coco`` /
 ``coco_evaluate``). One fixed ``pad_to`` means one compiled executable for every input here.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskx_jax import evaluate as evaluate_lib
+from maskx_jax.eval import coco_eval, coco_results
 from maskx_jax.detector import DetectorConfig, MaskRCNN, make_predict_fn
 from maskx_jax.paste import paste_masks
 from maskx_jax.transform import preprocess, resize_boxes
@@ -142,7 +142,7 @@ def test_no_detections_handled(model, predict, batch, tmp_path):
     from maskx_jax import visualize
 
     empty = np.zeros((0, 4), np.float32)
-    assert evaluate_lib.paste_binary_masks(np.zeros((0, 28, 28), np.float32), empty, 37, 91).shape == (37, 91, 0)
+    assert coco_results.paste_binary_masks(np.zeros((0, 28, 28), np.float32), empty, 37, 91).shape == (37, 91, 0)
     picture = visualize.draw_detections(IMAGES["odd_37x91"], empty, np.zeros((0,), np.int32), np.zeros((0,)),
                                         np.zeros((0, 37, 91), bool), class_names=["bg", "a", "b", "c", "d"])
     assert picture.ndim == 3 and picture.dtype == np.uint8
@@ -151,13 +151,13 @@ def test_no_detections_handled(model, predict, batch, tmp_path):
     from maskx_jax.data.synthetic import generate_synthetic
 
     paths = generate_synthetic(str(tmp_path / "syn"), 2, len(IMAGES), 64, 0)
-    gt = evaluate_lib.load_coco(paths.val_json)
+    gt = coco_eval.load_coco(paths.val_json)
     ids = np.asarray(sorted(gt.getImgIds())[: len(IMAGES)])
     sizes = np.asarray([[gt.imgs[int(i)]["height"], gt.imgs[int(i)]["width"]] for i in ids])
     cats = {k + 1: c for k, c in enumerate(sorted(gt.getCatIds())[:4])}
-    results = evaluate_lib.detections_to_coco(det, ids, batch.image_sizes, sizes, cats, with_masks=True)
+    results = coco_results.detections_to_coco(det, ids, batch.image_sizes, sizes, cats, with_masks=True)
     assert results == []
-    metrics = evaluate_lib.coco_evaluate(gt, results, [cats[1], cats[2]], verbose=False)
+    metrics = coco_eval.coco_evaluate(gt, results, [cats[1], cats[2]], verbose=False)
     for group in ("all", "set_a", "set_b"):
         for iou in ("bbox", "segm"):
             assert all(v in (0.0, -1.0) for v in metrics[group][iou].values()), (group, iou, metrics[group][iou])

@@ -144,7 +144,8 @@ def test_batch_sharded_over_8_devices_equals_1():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.resources import ROOT as root
+
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
     proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,

@@ -1,6 +1,6 @@
-"""Score any checkpoint on a COCO JSON: ``python -m maskx_jax.evaluate_cli`` (``maskx-evaluate``).
+"""Score any checkpoint on a COCO JSON: ``python -m maskx_jax.eval.cli`` (``maskx-evaluate``).
 
-    python -m maskx_jax.evaluate_cli --checkpoint ckpt/maskrcnn --val-json coco/annotations/instances_val2017.json \\
+    python -m maskx_jax.eval.cli --checkpoint ckpt/maskrcnn --val-json coco/annotations/instances_val2017.json \\
         --val-images coco/val2017 --set-a voc --output metrics.json
 
 ``--checkpoint`` is a converted checkpoint (``convert.from_torch``), a ``train.py`` work directory or
@@ -24,8 +24,9 @@ def evaluate_checkpoint(checkpoint: str, val_json: str, val_images: str, *, set_
                         max_size: int | None = None, pad: tuple[int, int] | None = None, batch_size: int = 8,
                         max_images: int = 0, output: str | None = None, progress: bool = True,
                         verify: bool = True) -> dict:
-    """The metrics dict of :func:`maskx_jax.evaluate.evaluate_model` (written to ``output`` when given)."""
-    from maskx_jax import evaluate, predict
+    """The metrics dict of :func:`maskx_jax.eval.run.evaluate_model` (written to ``output`` when given)."""
+    from maskx_jax import predict
+    from maskx_jax.eval.run import evaluate_model
     from maskx_jax.config import base_config
     from maskx_jax.data import pipeline
 
@@ -53,7 +54,7 @@ def evaluate_checkpoint(checkpoint: str, val_json: str, val_images: str, *, set_
     set_a_cat_ids = [info.contiguous_to_cat_id[i] for i in info.set_a_ids]
     batches = pipeline.make_eval_batches(c, "val", max_images=max_images, info=info)
     with_masks = bool(info.val_has_masks) and predictor.has_masks
-    return evaluate.evaluate_model(predictor.predict_fn, batches, info.val_json, predictor.contiguous_to_cat_id,
+    return evaluate_model(predictor.predict_fn, batches, info.val_json, predictor.contiguous_to_cat_id,
                                    set_a_cat_ids, output_json=output, with_masks=with_masks, progress=progress,
                                    verbose=True)
 
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(xla_flags.apply_for_entry_point(), file=sys.stderr)  # before anything starts a JAX backend
 
-    p = argparse.ArgumentParser(prog="python -m maskx_jax.evaluate_cli", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m maskx_jax.eval.cli", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted checkpoint, work directory or WORKDIR/checkpoints/N")
     p.add_argument("--val-json", required=True, help="COCO annotation file (instances_*.json)")
     p.add_argument("--val-images", required=True, help="its image folder")

@@ -1,4 +1,5 @@
-"""maskx_jax.evaluate on the real minicoco val split: perfect detections score ~1, degraded ones less."""
+"""maskx_jax.eval (COCO results, COCOeval, the model loop) on the real minicoco val split: perfect detections
+score ~1, degraded ones less."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from maskx_jax import evaluate, paste
+from maskx_jax import paste
+from maskx_jax.eval import coco_eval, coco_results
+from maskx_jax.eval.run import evaluate_model
 from maskx_jax.types import Detections
 import resources
 
@@ -28,7 +31,7 @@ M = 28
 def coco():
     """The minicoco validation set: tests that use it skip on a machine without it, and fail under CI."""
     resources.minicoco()
-    return evaluate.load_coco(GT_JSON)
+    return coco_eval.load_coco(GT_JSON)
 
 
 def _crop_resample(mask: np.ndarray, box_xyxy: np.ndarray, size: int) -> np.ndarray:
@@ -95,7 +98,7 @@ CONTIGUOUS = {1: PERSON, 2: CAR, 3: AIRPLANE}
 
 def _results(coco, **kwargs):
     det, ids, sizes, orig = _perfect_batch(coco, **kwargs)
-    return evaluate.detections_to_coco(det, ids, sizes, orig, CONTIGUOUS)
+    return coco_results.detections_to_coco(det, ids, sizes, orig, CONTIGUOUS)
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +109,13 @@ def perfect_results(coco):
 @pytest.fixture(scope="module")
 def perfect_metrics(coco, perfect_results, tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "sub" / "metrics.json"
-    metrics = evaluate.coco_evaluate(coco, perfect_results, SET_A, output_json=path, verbose=False)
+    metrics = coco_eval.coco_evaluate(coco, perfect_results, SET_A, output_json=path, verbose=False)
     return metrics, path
 
 
 def test_perfect_detections_score_near_one(perfect_metrics):
     metrics, _ = perfect_metrics
-    for group in evaluate.GROUPS:
+    for group in coco_eval.GROUPS:
         bbox, segm = metrics[group]["bbox"], metrics[group]["segm"]
         assert bbox["AP"] > 0.99 and bbox["AP50"] > 0.99, (group, bbox)
         # Mask AP stays below 1 at the strict IoU thresholds: 28x28 masks lose detail, and
@@ -126,14 +129,14 @@ def test_output_json_written(perfect_metrics):
     metrics, path = perfect_metrics
     with open(path) as f:
         assert json.load(f) == metrics
-    assert set(metrics) == set(evaluate.GROUPS)
+    assert set(metrics) == set(coco_eval.GROUPS)
     assert set(metrics["all"]) == {"bbox", "segm"}
-    assert set(metrics["all"]["bbox"]) == set(evaluate.METRICS)
+    assert set(metrics["all"]["bbox"]) == set(coco_eval.METRICS)
 
 
 def test_dropping_set_b_zeroes_set_b_only(coco, perfect_metrics):
     metrics, _ = perfect_metrics
-    dropped = evaluate.coco_evaluate(coco, _results(coco, drop_cats=(CAR, AIRPLANE)), SET_A, verbose=False)
+    dropped = coco_eval.coco_evaluate(coco, _results(coco, drop_cats=(CAR, AIRPLANE)), SET_A, verbose=False)
     for iou_type in ("bbox", "segm"):
         assert dropped["set_b"][iou_type]["AP"] == 0.0
         assert dropped["set_a"][iou_type] == metrics["set_a"][iou_type]
@@ -142,8 +145,8 @@ def test_dropping_set_b_zeroes_set_b_only(coco, perfect_metrics):
 
 def test_shifted_boxes_lower_ap(coco, perfect_metrics):
     metrics, _ = perfect_metrics
-    shifted = evaluate.coco_evaluate(coco, _results(coco, shift=0.25), SET_A, verbose=False)
-    for group in evaluate.GROUPS:
+    shifted = coco_eval.coco_evaluate(coco, _results(coco, shift=0.25), SET_A, verbose=False)
+    for group in coco_eval.GROUPS:
         for iou_type in ("bbox", "segm"):
             assert shifted[group][iou_type]["AP"] < metrics[group][iou_type]["AP"] - 0.2
             assert shifted[group][iou_type]["AP75"] < metrics[group][iou_type]["AP75"]
@@ -159,17 +162,17 @@ def test_group_metrics_match_pycocotools_summarize(coco, perfect_results):
     for r in perfect_results:
         r = dict(r, score=float(rng.random()), bbox=[v + float(rng.normal(0, 4)) for v in r["bbox"]])
         noisy.append(r)
-    ours = evaluate.coco_evaluate(coco, noisy, SET_A, verbose=False)
+    ours = coco_eval.coco_evaluate(coco, noisy, SET_A, verbose=False)
     for group, cats in (("all", None), ("set_a", [PERSON]), ("set_b", [CAR, AIRPLANE])):
         for iou_type in ("bbox", "segm"):
-            with evaluate._quiet():
-                ref = COCOeval(coco, evaluate._load_results(coco, noisy, iou_type), iou_type)
+            with coco_eval._quiet():
+                ref = COCOeval(coco, coco_eval._load_results(coco, noisy, iou_type), iou_type)
                 if cats is not None:
                     ref.params.catIds = cats
                 ref.evaluate()
                 ref.accumulate()
                 ref.summarize()
-            got = [ours[group][iou_type][m] for m in evaluate.METRICS]
+            got = [ours[group][iou_type][m] for m in coco_eval.METRICS]
             np.testing.assert_allclose(got, ref.stats[:6], rtol=0, atol=1e-12, err_msg=f"{group} {iou_type}")
 
 
@@ -203,16 +206,17 @@ def test_detections_to_coco_skips_invalid_rows_and_padding_images():
     ids = np.array([7, -1, 9])
     sizes = np.array([[100, 200], [100, 200], [100, 100]])
     orig = np.array([[200, 400], [200, 400], [50, 50]])
-    out = evaluate.detections_to_coco(det, ids, sizes, orig, [0, 11, 22])
+    out = coco_results.detections_to_coco(det, ids, sizes, orig, [0, 11, 22])
     assert [r["image_id"] for r in out] == [7, 7, 9, 9]
     assert all(r["category_id"] == 22 for r in out)
     np.testing.assert_allclose(out[0]["bbox"], [20.0, 40.0, 80.0, 80.0])  # x2 from 100x200 -> 200x400
     np.testing.assert_allclose(out[2]["bbox"], [5.0, 10.0, 20.0, 20.0])
     assert out[0]["segmentation"]["size"] == [200, 400] and out[2]["segmentation"]["size"] == [50, 50]
     assert out[0]["score"] == pytest.approx(float(det.scores[0, 0]))
-    assert "segmentation" not in evaluate.detections_to_coco(det, ids, sizes, orig, [0, 11, 22], with_masks=False)[0]
+    boxes_only = coco_results.detections_to_coco(det, ids, sizes, orig, [0, 11, 22], with_masks=False)
+    assert "segmentation" not in boxes_only[0]
     with pytest.raises(ValueError, match="no COCO category"):
-        evaluate.detections_to_coco(det, ids, sizes, orig, {1: 11})
+        coco_results.detections_to_coco(det, ids, sizes, orig, {1: 11})
 
 
 @pytest.mark.parametrize("n,height,width", [(3, 50, 70), (20, 427, 640)])
@@ -222,23 +226,23 @@ def test_bucketed_paste_equals_exact_paste(n, height, width):
     xy = rng.random((n, 2)) * [width, height]
     wh = rng.random((n, 2)) * [width, height] * 0.6 + 1
     boxes = np.concatenate([xy - wh / 2, xy + wh], axis=1).astype(np.float32)  # some leave the image
-    got = evaluate.paste_binary_masks(masks, boxes, height, width)
+    got = coco_results.paste_binary_masks(masks, boxes, height, width)
     assert got.shape == (height, width, n) and got.dtype == np.uint8 and got.flags.f_contiguous
     ref = np.asarray(paste.paste_masks(masks, boxes, height, width)) > 0.5
     np.testing.assert_array_equal(got.transpose(2, 0, 1), ref)
 
 
 def test_empty_results_and_empty_groups(coco):
-    metrics = evaluate.coco_evaluate(coco, [], [], verbose=False)
+    metrics = coco_eval.coco_evaluate(coco, [], [], verbose=False)
     assert metrics["set_a"] is None
     assert metrics["set_b"] is not None
     for iou_type in ("bbox", "segm"):
         values = metrics["all"][iou_type]
         assert values["AP"] == 0.0 and values["AP50"] == 0.0
         assert all(v in (0.0, -1.0) for v in values.values())
-    metrics = evaluate.coco_evaluate(coco, [], [PERSON, CAR, AIRPLANE, 999], verbose=False)
+    metrics = coco_eval.coco_evaluate(coco, [], [PERSON, CAR, AIRPLANE, 999], verbose=False)
     assert metrics["set_b"] is None and metrics["set_a"]["bbox"]["AP"] == 0.0
-    table = evaluate.format_table(metrics)
+    table = coco_eval.format_table(metrics)
     assert "| set_b | n/a |" in table and "| set_a | segm |" in table
 
 
@@ -268,7 +272,7 @@ def test_evaluate_model_loop(coco, perfect_metrics, tmp_path, capsys):
     def predict_fn(images, image_sizes):
         return by_images[id(images)]
 
-    metrics = evaluate.evaluate_model(
+    metrics = evaluate_model(
         predict_fn, batches, GT_JSON, CONTIGUOUS, SET_A,
         output_json=tmp_path / "m.json", results_json=tmp_path / "r.json", progress=False,
     )

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import zipfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.resources import ROOT
 
 
 def _expected() -> set[str]:

@@ -13,6 +13,7 @@ import pytest
 
 from maskx_jax.backends.cpu import xla_flags as xla_cpu
 from maskx_jax.conv import conv2d
+from tests.resources import ROOT
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -111,7 +112,7 @@ def _flags_after_import(env_extra: dict, first: str = "from maskx_jax.backends.c
     env.update(env_extra)
     code = f"{first}; import os; print('FLAGS=' + os.environ.get('XLA_FLAGS', ''))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return [ln for ln in out.stdout.splitlines() if ln.startswith("FLAGS=")][-1][len("FLAGS="):]
 

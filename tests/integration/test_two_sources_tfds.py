@@ -13,7 +13,7 @@ import train_fixtures as F
 from maskx_jax import config as config_lib
 from maskx_jax.data import pipeline
 from maskx_jax.data.synthetic_shapes import CLASS_NAMES
-from test_data_tfds import data_dir  # noqa: F401  (the prepared tfds dataset fixture)
+from tests.unit.test_data_tfds import data_dir  # noqa: F401  (the prepared tfds dataset fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
