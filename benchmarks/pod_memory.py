@@ -3,6 +3,7 @@
     python benchmarks/pod_memory.py                        # R-50/R-101 x float32/bfloat16, ~10 min
     python benchmarks/pod_memory.py --depths 50 --dtypes bfloat16 --size 800
     python benchmarks/pod_memory.py --mask-slot-buckets ""            # the static mask branch only
+    python benchmarks/pod_memory.py --depths 50 --dtypes float32 --shard-params none,mask_mlp --name pod_memory_fsdp
 
 Nothing runs and nothing is allocated: the train step of ``Trainer`` is lowered on abstract
 (ShapeDtypeStruct) state and batch over a mesh of ``--devices`` fake CPU devices
@@ -13,7 +14,9 @@ the arguments' buffers) and temporaries (activations kept for the backward pass,
 workspace). The figures are the XLA CPU backend's buffer assignment; GPU and TPU backends
 assign (and fuse) differently, so read them as the size of the problem, within tens of percent.
 Winograd convolutions, which only the CPU takes, are turned off for it.
-Writes ``benchmarks/results/pod_memory.json`` and ``.md``.
+``--shard-params`` compares ``train.shard_params`` settings (``none`` = everything replicated; ``mask_mlp`` = the
+MLP-fusion FC and its momentum split over the devices). Writes ``benchmarks/results/<--name>.json`` and ``.md``
+(default ``pod_memory``).
 """
 from __future__ import annotations
 
@@ -46,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-slot-buckets", default=None, type=_buckets,
                    help="comma-separated model.mask_slot_buckets ('' = the static mask branch only, one "
                         "compiled branch instead of a switch; default: the config's)")
+    p.add_argument("--shard-params", default="none",
+                   help="comma-separated train.shard_params settings to compare ('none' = all replicated)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--name", default="pod_memory", help="results file name (without .json / .md)")
     args = p.parse_args(argv)
+    shard_settings = ["" if s.strip() == "none" else s.strip() for s in args.shard_params.split(",")]
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={args.devices}").strip()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,45 +72,48 @@ def main(argv: list[str] | None = None) -> int:
     # XLA's own convolutions, so the figures leave it out: model.conv_impl="canonical" below. (The CPU gradient
     # forms of backends/cpu/conv_gradients.py stay: they change the temporaries by ~0.01-0.02 GiB.)
     rows = []
-    for depth in (int(d) for d in args.depths.split(",")):
-        for dtype in args.dtypes.split(","):
-            c = base_config()
-            c.model.depth, c.model.dtype = depth, dtype
-            c.model.conv_impl = "canonical"
-            if args.mask_slot_buckets is not None:
-                c.model.mask_slot_buckets = args.mask_slot_buckets
-            c.model.mask_mode, c.data.set_a = "transfer", "voc"
-            c.data.pad_height = c.data.pad_width = args.size
-            c.train.batch_size = args.devices * args.per_device_batch
-            trainer = Trainer(c, args.classes)
-            b, g, s, hw = c.train.batch_size, c.data.max_instances, c.data.mask_crop_size, args.size
-            shapes = Batch(images=((b, hw, hw, 3), jnp.float32), image_sizes=((b, 2), jnp.int32),
-                           gt_boxes=((b, g, 4), jnp.float32), gt_classes=((b, g), jnp.int32),
-                           gt_valid=((b, g), jnp.bool_), gt_crowd=((b, g), jnp.bool_),
-                           gt_has_mask=((b, g), jnp.bool_), gt_masks=((b, g, s, s), jnp.float32),
-                           image_ids=((b,), jnp.int32), original_sizes=((b, 2), jnp.int32))
-            batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(*x, sharding=trainer.batch_sharding), shapes,
-                                 is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
-            t0 = time.perf_counter()
-            compiled = trainer.train_step.lower(trainer.abstract_state(), batch).compile()
-            mem = compiled.memory_analysis()
-            gib = 1.0 / 2**30
-            row = {"depth": depth, "dtype": dtype, "devices": args.devices, "global_batch": b,
-                   "per_device_batch": args.per_device_batch, "image": hw,
-                   "mask_slot_buckets": list(c.model.mask_slot_buckets), "compile_s": time.perf_counter() - t0,
-                   "argument_gib": mem.argument_size_in_bytes * gib, "output_gib": mem.output_size_in_bytes * gib,
-                   "alias_gib": mem.alias_size_in_bytes * gib, "temp_gib": mem.temp_size_in_bytes * gib}
-            # Donated outputs reuse the argument buffers (alias), so they are not counted twice.
-            row["total_gib"] = row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    lines = ["| backbone | compute dtype | mesh | global batch | image | arguments GiB | temporaries GiB | "
-             "per-device total GiB |", "|---|---|---|---|---|---|---|---|"]
+    cases = [(int(d), t, s) for d in args.depths.split(",") for t in args.dtypes.split(",") for s in shard_settings]
+    for depth, dtype, shard in cases:
+        c = base_config()
+        c.model.depth, c.model.dtype = depth, dtype
+        c.model.conv_impl = "canonical"
+        if args.mask_slot_buckets is not None:
+            c.model.mask_slot_buckets = args.mask_slot_buckets
+        c.model.mask_mode, c.data.set_a = "transfer", "voc"
+        c.data.pad_height = c.data.pad_width = args.size
+        c.train.batch_size = args.devices * args.per_device_batch
+        c.train.shard_params = shard
+        trainer = Trainer(c, args.classes)
+        b, g, s, hw = c.train.batch_size, c.data.max_instances, c.data.mask_crop_size, args.size
+        shapes = Batch(images=((b, hw, hw, 3), jnp.float32), image_sizes=((b, 2), jnp.int32),
+                       gt_boxes=((b, g, 4), jnp.float32), gt_classes=((b, g), jnp.int32),
+                       gt_valid=((b, g), jnp.bool_), gt_crowd=((b, g), jnp.bool_),
+                       gt_has_mask=((b, g), jnp.bool_), gt_masks=((b, g, s, s), jnp.float32),
+                       image_ids=((b,), jnp.int32), original_sizes=((b, 2), jnp.int32))
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(*x, sharding=trainer.batch_sharding), shapes,
+                             is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
+        t0 = time.perf_counter()
+        compiled = trainer.train_step.lower(trainer.abstract_state(), batch).compile()
+        mem = compiled.memory_analysis()
+        gib = 1.0 / 2**30
+        row = {"depth": depth, "dtype": dtype, "devices": args.devices, "global_batch": b,
+               "per_device_batch": args.per_device_batch, "image": hw,
+               "mask_slot_buckets": list(c.model.mask_slot_buckets), "shard_params": shard,
+               "compile_s": time.perf_counter() - t0,
+               "argument_gib": mem.argument_size_in_bytes * gib, "output_gib": mem.output_size_in_bytes * gib,
+               "alias_gib": mem.alias_size_in_bytes * gib, "temp_gib": mem.temp_size_in_bytes * gib}
+        # Donated outputs reuse the argument buffers (alias), so they are not counted twice.
+        row["total_gib"] = row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = ["| backbone | compute dtype | mesh | sharded | global batch | image | arguments GiB | temporaries GiB | "
+             "per-device total GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| R-{r['depth']}-FPN | {r['dtype']} | data={r['devices']} | {r['global_batch']} "
+        lines.append(f"| R-{r['depth']}-FPN | {r['dtype']} | data={r['devices']} | {r['shard_params'] or '-'} | "
+                     f"{r['global_batch']} "
                      f"({r['per_device_batch']}/device) | {r['image']}x{r['image']} | {r['argument_gib']:.2f} | "
                      f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} |")
-    write_results(args.out, "pod_memory", rows, "\n".join(lines) + "\n")
+    write_results(args.out, args.name, rows, "\n".join(lines) + "\n")
     return 0
 
 

@@ -27,6 +27,10 @@ MASK_SUPERVISION = ("by_class", "by_annotation")
 BOX_SOURCES = ("", "coco", "tfds", "synthetic")  # data.box_source ("" = none)
 UNMATCHED_POLICIES = ("error", "add")  # data.box_source_unmatched
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
+# train.shard_params: the variables that may be split over the mesh (fsdp-style). Only those whose sharded step was
+# checked equal to one device (tests/integration/test_sharding.py); sharding the box classifier gave wrong mask-head
+# gradients on XLA:CPU there (docs/scaling.md), so names are allowed one by one, after such a test.
+SHARDABLE_PARAMS = ("mask_mlp",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
     # parts kept fixed: comma-separated backbone, rpn, box_head, mask_head, or detector (= the first three)
     t.freeze = ""
     t.verify_checkpoints = True  # check every loaded checkpoint's content hashes (init, resume, eval); False skips it
+    # variables split over the mesh's data axis with their optimiser state (fsdp-style; see SHARDABLE_PARAMS):
+    # "mask_mlp" = Mask^X's MLP-fusion FC (157 M parameters at R-50 size); "" = everything replicated
+    t.shard_params = ""
     t.checkpoint_every = 5000  # save an orbax checkpoint every this many steps (and at the end)
     t.keep_checkpoints = 3  # checkpoints kept in WORKDIR/checkpoints
     t.log_every = 20  # TensorBoard scalars every this many steps
@@ -208,6 +215,11 @@ def recipe_of(c: ml_collections.ConfigDict) -> str:
     return "custom"
 
 
+def shard_parts(text: str) -> list[str]:
+    """``train.shard_params`` as a list of name parts: "mask_mlp, x" -> ["mask_mlp", "x"]; "" -> []."""
+    return [p.strip() for p in str(text).split(",") if p.strip()]
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Check options against each other; raise one ValueError listing every problem.
 
@@ -270,6 +282,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
     check(t.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite must be one of {ON_NONFINITE}, got {t.on_nonfinite!r}")
     check(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every and train.log_every must be >= 1")
+    unknown = [p for p in shard_parts(t.get("shard_params", "")) if p not in SHARDABLE_PARAMS]
+    check(not unknown, f"train.shard_params: {unknown} cannot be sharded; allowed: {SHARDABLE_PARAMS} (each one's "
+          "sharded step is tested equal to one device; others are not: see docs/scaling.md)")
+    check("mask_mlp" not in shard_parts(t.get("shard_params", "")) or (m.mlp_fusion and m.mask_mode != "none"),
+          "train.shard_params=mask_mlp needs model.mlp_fusion=True (without it the model has no MLP-fusion FC)")
     # Tuple-valued keys: a command-line override can give them any shape, so check it here
     # rather than deep inside the model's tracing.
     def numbers(v, kind=(int, float)) -> bool:

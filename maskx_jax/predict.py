@@ -393,8 +393,8 @@ def run(predictor: Predictor, paths: Sequence[str], output: str, *, score_thresh
     from maskx_jax import visualize
     from maskx_jax.data.issues import Issues
     from maskx_jax.eval.coco_results import detections_to_coco
-    from maskx_jax.one_behind import OneBehind
     from maskx_jax.eval.pictures import PASTE_PIXELS, draw_row
+    from maskx_jax.one_behind import OneBehind
 
     thresh = predictor.score_thresh if score_thresh is None else float(score_thresh)
     os.makedirs(output, exist_ok=True)

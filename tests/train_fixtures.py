@@ -209,6 +209,11 @@ def _worker(argv):
     if kind == "real":
         cfg = real_model_config(warmup_steps=0)
         cfg.model.mask_slot_buckets = (2, 4)  # the slot switch and its max over the sharded batch
+        # Mask^X with MLP fusion, its FC (16*28*28 x 784) split over the devices with its momentum
+        # (train.shard_params), everything else replicated
+        cfg.model.mlp_fusion = True
+        cfg.model.mask_head_channels = cfg.model.transfer_hidden = 16
+        cfg.train.shard_params = "mask_mlp"
         trainer = train_lib.Trainer(cfg, NUM_CLASSES)
         batch_fn = real_batch
     else:
@@ -216,6 +221,8 @@ def _worker(argv):
         trainer = train_lib.Trainer(cfg, NUM_CLASSES, model_fn=tiny_model_fn)
         batch_fn = synthetic_batch
     state = trainer.init_state()
+    sharded = sorted(jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+                     if not x.sharding.is_fully_replicated)
     init = {"init/" + jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
     totals, times = [], []
@@ -232,6 +239,7 @@ def _worker(argv):
     params = {"param/" + jax.tree_util.keystr(p): np.asarray(x)
               for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
     np.savez(out, total=np.asarray(totals), times=np.asarray(times), devices=jax.device_count(),
+             sharded=np.asarray(sharded, dtype=str),
              **{"loss/" + k: np.asarray(v) for k, v in losses.items()}, **params, **init)
     print(f"{kind}: {jax.device_count()} devices, step times {np.round(times, 3).tolist()} s", file=sys.stderr)
 

@@ -55,11 +55,16 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
 
 
 def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
-    """``_named_leaves`` of ``tree`` as host arrays. The train state is replicated: on several hosts a process
-    holds the whole value of every leaf in its own devices' copy, which is what it reads (no cross-host fetch)."""
+    """``_named_leaves`` of ``tree`` as host arrays. On several hosts a process reads a replicated leaf from its
+    own devices' copy (no cross-host fetch); a leaf split over the hosts (``train.shard_params``) is gathered,
+    which every process does in the same order (save and restore run on all of them)."""
     def host(leaf):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return np.asarray(leaf.addressable_data(0))
+            if leaf.sharding.is_fully_replicated:
+                return np.asarray(leaf.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
         return np.asarray(jax.device_get(leaf))
 
     return {k: host(leaf) for k, leaf in _named_leaves(tree).items()}

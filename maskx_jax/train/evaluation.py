@@ -30,8 +30,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, trainer: Traine
     pass is one program over the whole mesh); only process 0 writes. Returns the metrics
     (``None`` when the data has no validation set).
     """
-    from maskx_jax.eval.run import evaluate_model
     from maskx_jax.data import pipeline
+    from maskx_jax.eval.run import evaluate_model
 
     workdir = os.path.abspath(workdir)
     if state is None:

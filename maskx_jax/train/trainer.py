@@ -1,7 +1,8 @@
 """The compiled pieces of one experiment on one mesh: init, train step and predict, with explicit shardings.
 
-The train state is replicated over the mesh's ``data`` axis (an ``fsdp`` axis would only change
-:meth:`Trainer._state_shardings`); batches are sharded on their leading axis. Each process loads its own
+The train state is replicated over the mesh's ``data`` axis, except the variables ``train.shard_params`` names,
+which are split over it with their optimiser state (:meth:`Trainer._state_shardings`); batches are sharded on
+their leading axis. Each process loads its own
 ``1/process_count`` slice of the global batch and :func:`jax.make_array_from_process_local_data` assembles it.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maskx_jax.config import validate
+from maskx_jax.config import shard_parts, validate
 from maskx_jax.optim import make_optimizer, make_schedule, skipped_losses, trainable_filter
 from maskx_jax.train.config_checks import check_scaling
 from maskx_jax.train.distributed import DATA_AXIS, create_mesh
@@ -113,8 +114,35 @@ class Trainer:
         self._predict = jax.jit(predict)
 
     def _state_shardings(self, shapes: TrainState) -> TrainState:
-        """Everything replicated; the place to add an ``fsdp`` axis (shard large params and their opt state)."""
-        return jax.tree.map(lambda _: self.replicated, shapes)
+        """Replicated, except the variables ``train.shard_params`` names (and their optimiser state, whose
+        paths contain the same name): each such array is split over the ``data`` axis on its first dimension
+        divisible by the device count (fsdp-style: a device holds 1/N of it; XLA gathers it inside the step and
+        reduce-scatters its gradient). One with no such dimension (a small bias) stays replicated.
+
+        Raises:
+          ValueError: a ``train.shard_params`` part names no variable of this model (e.g. ``mask_mlp`` without
+            ``model.mlp_fusion``).
+        """
+        parts = shard_parts(self.config.train.get("shard_params", ""))
+        used: set[str] = set()
+
+        def sharding(path, leaf) -> NamedSharding:
+            name = jax.tree_util.keystr(path)
+            matching = [p for p in parts if p in name]
+            if not matching or not leaf.shape:
+                return self.replicated
+            used.update(matching)
+            for dim, size in enumerate(leaf.shape):
+                if size % self.mesh.size == 0:
+                    return NamedSharding(self.mesh, P(*([None] * dim), DATA_AXIS))
+            return self.replicated
+
+        shardings = jax.tree_util.tree_map_with_path(sharding, shapes)
+        unused = [p for p in parts if p not in used]
+        if unused:
+            raise ValueError(f"train.shard_params names {unused}, which match no variable of this model "
+                             "(mask_mlp needs model.mlp_fusion=True)")
+        return shardings
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""

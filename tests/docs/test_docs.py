@@ -87,3 +87,12 @@ def test_relative_links_in_the_docs_resolve():
                 if not os.path.exists(os.path.join(os.path.dirname(doc), path)):
                     broken.append(f"{os.path.relpath(doc, root)}: {target}")
     assert not broken, broken
+
+
+def test_scaling_doc_quotes_the_committed_fsdp_measurement():
+    """docs/scaling.md's table of train.shard_params=mask_mlp is benchmarks/results/pod_memory_fsdp.md."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "pod_memory_fsdp.md")) as f:
+        table = f.read().strip().splitlines()
+    with open(os.path.join(ROOT, "docs", "scaling.md")) as f:
+        text = f.read()
+    assert table and all(line in text for line in table if line.startswith("|")), "docs/scaling.md is stale"

@@ -36,6 +36,8 @@ CASES = {
                                 "COCO annotation file not found: /nonexistent/train.json"),
     "unknown_on_nonfinite": (["--config.train.on_nonfinite=ignore"],
                             "train.on_nonfinite must be one of ('stop', 'skip'), got 'ignore'"),
+    "unverified_shard_params": (["--config.train.shard_params=mask_mlp,cls_score"],
+                                "train.shard_params: ['cls_score'] cannot be sharded; allowed: ('mask_mlp',)"),
 }
 
 

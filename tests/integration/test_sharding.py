@@ -3,7 +3,8 @@
 The device count is fixed when JAX starts, so each side runs in its own subprocess
 (``tests/train_fixtures.py`` worker with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``)
 and the saved losses and parameters are compared here. The batch is sharded on the mesh's
-``data`` axis and the train state replicated, so the 8-device step computes per-device partial
+``data`` axis and the train state replicated (in the real model's case except Mask^X's MLP-fusion FC,
+split over the devices: ``train.shard_params``), so the 8-device step computes per-device partial
 gradients that XLA all-reduces; the result may differ from 1 device only by float summation order.
 """
 from __future__ import annotations
@@ -73,7 +74,15 @@ def test_stand_in_three_steps_8_devices_equal_1(tmp_path):
 
 
 def test_real_model_step_8_devices_equal_1(tmp_path):
-    _compare(*_run_workers("real", 1, tmp_path))
+    """Mask^X with MLP fusion; its FC and that FC's momentum split over the 8 devices (train.shard_params)."""
+    one, eight = _run_workers("real", 1, tmp_path)
+    _compare(one, eight)
+    # on 8 devices the FC's kernel and bias (784 = 8 x 98) and their momentum are split, nothing else; on 1
+    # device nothing is (a 1-device mesh has nothing to split)
+    sharded = [str(k) for k in eight["sharded"]]
+    assert len(one["sharded"]) == 0 and all("mask_mlp" in k for k in sharded), sharded
+    for part in ("params", "opt_state"):  # kernel and bias, in the parameters and in the momentum
+        assert len([k for k in sharded if k.startswith(f".{part}")]) >= 2, sharded
 
 
 # The toy architecture of train_fixtures.tiny_config as command-line overrides of a shipped config.

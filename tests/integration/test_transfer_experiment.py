@@ -1,7 +1,12 @@
 """The controlled transfer experiment (``python -m maskx_jax.transfer_experiment``) and ``make demo``, run for
-real at toy size: two seeds, every arm, a few steps on tiny images. Checks what the protocol promises: one
-detector per seed, frozen bitwise in every arm (so every arm of a seed has the same box AP), each arm's
-mask branch as configured, the results file's layout, and its tables and chart."""
+real at toy size: two seeds, the demo's three arms (baseline, Mask^X with MLP fusion, oracle) and one end-to-end
+arm, a few steps on tiny images. Checks what the protocol promises: one detector per seed, frozen bitwise in
+every arm (so every arm of a seed has the same box AP), each arm's mask branch as configured (every arm's config,
+the two arms not trained here included), the results file's layout, and its tables and chart.
+
+The two arms left out of the training (``transfer``, ``random_embedding``) differ from the trained ones only in
+their config, which ``test_arm_configs`` checks; their models train in tests/model/test_maskx.py. Training them
+here too would cost four more runs (~75 s of the suite's 20 minutes)."""
 from __future__ import annotations
 
 import json
@@ -14,10 +19,11 @@ import pytest
 from PIL import Image
 
 from maskx_jax import transfer_report, workdir as workdir_lib
-from maskx_jax.transfer_experiment import ARMS, Protocol, main as experiment_main, run_experiment
+from maskx_jax.transfer_experiment import ARMS, Protocol, arm_config, base_config, main as experiment_main, \
+    run_experiment
 
-# The module fixture trains 14 toy runs (~4 minutes on a quiet 2-core machine) inside the first test's time
-# limit; on a shared machine it took more than pytest's 900 s, so this file gets twice that.
+# The module fixture trains 10 toy runs (~3 minutes on a quiet 2-core machine) inside the first test's time
+# limit; on a shared machine 14 such runs took more than pytest's 900 s, so this file gets twice that.
 pytestmark = pytest.mark.timeout(1800)
 
 from tests.resources import ROOT
@@ -33,6 +39,10 @@ TOY = (("model.fpn_channels", 16), ("model.representation", 32), ("model.mask_he
        ("data.num_workers", 0))  # decoding in-process: 14 runs would each start worker processes
 
 
+# The arms trained by the fixture: make demo's three (the baseline, Mask^X with MLP fusion, the oracle).
+TRAINED_ARMS = ("class_agnostic", "transfer_mlp", "oracle")
+
+
 def _toy(root) -> tuple[tuple[str, object], ...]:
     """TOY, with the data where ``make demo`` puts it for ``--workdir root/runs`` (the demo test reuses the runs)."""
     runs = root / "runs"
@@ -44,7 +54,8 @@ def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     output = root / "transfer.json"
     assert experiment_main(["--config", CONFIG, "--workdir", str(root / "runs"), "--output", str(output),
-                            "--chart", str(root / "chart.png"), "--seeds", "0,1", "--detector-steps", "3",
+                            "--chart", str(root / "chart.png"), "--seeds", "0,1", "--arms", ",".join(TRAINED_ARMS),
+                            "--detector-steps", "3",
                             "--mask-steps", "2", "--end-to-end", "transfer_mlp", "--no-progress"]
                            + [f"--set={k}={v!r}" for k, v in _toy(root)]) == 0
     return root, json.load(open(output))
@@ -53,16 +64,16 @@ def experiment(tmp_path_factory):
 def test_every_arm_of_every_seed_is_written(experiment):
     root, results = experiment
     assert results["seeds"] == [0, 1] and results["complete"]
-    assert set(results["arms"]) == set(ARMS) and set(results["end_to_end"]) == {"transfer_mlp"}
+    assert set(results["arms"]) == set(TRAINED_ARMS) and set(results["end_to_end"]) == {"transfer_mlp"}
     for group in (results["arms"], results["end_to_end"], {"detector": results["detector"]}):
         for name, values in group.items():
             for metric in ("set_b_box_ap", "seconds_per_step"):
                 assert len(values[metric]) == 2 and all(v is not None for v in values[metric]), (name, metric)
-    for arm in ARMS:
+    for arm in TRAINED_ARMS:
         assert all(0 <= v <= 100 for v in results["arms"][arm]["set_b_mask_ap"])
     assert results["protocol"]["detector_steps"] == 3 and results["protocol"]["mask_steps"] == 2
     for seed in (0, 1):
-        for run in ("detector", *ARMS, "e2e_transfer_mlp"):
+        for run in ("detector", *TRAINED_ARMS, "e2e_transfer_mlp"):
             assert os.path.isfile(root / "runs" / f"seed{seed}" / run / "result.json"), (seed, run)
 
 
@@ -71,14 +82,14 @@ def test_each_seed_has_one_detector_frozen_in_every_arm(experiment):
     for seed in (0, 1):
         det, meta = workdir_lib.load_variables(str(root / "runs" / f"seed{seed}" / "detector"))
         assert meta["mask_mode"] == "none" and not any("mask" in ".".join(map(str, p)) for p in det)
-        for arm in ARMS:
+        for arm in TRAINED_ARMS:
             ours, meta = workdir_lib.load_variables(str(root / "runs" / f"seed{seed}" / arm))
             assert meta["mask_mode"] == ARMS[arm]["model.mask_mode"]
             assert all(np.array_equal(ours[p], a) for p, a in det.items()), (seed, arm)  # bitwise
             report = json.load(open(root / "runs" / f"seed{seed}" / arm / "init_checkpoint_report.json"))
             assert report["kind"] == "workdir" and not report["frozen_not_loaded"]
         # the same detector gives the same detections, whatever the mask branch
-        boxes = {results["arms"][a]["set_b_box_ap"][seed] for a in ARMS}
+        boxes = {results["arms"][a]["set_b_box_ap"][seed] for a in TRAINED_ARMS}
         assert len(boxes) == 1, boxes
     # the seeds differ: two detectors, not one reused
     a, _ = workdir_lib.load_variables(str(root / "runs" / "seed0" / "detector"))
@@ -87,15 +98,24 @@ def test_each_seed_has_one_detector_frozen_in_every_arm(experiment):
 
 
 def test_arm_configs(experiment):
+    """Every arm's config as the driver builds it (``arm_config``; the trained arms' saved configs are those)."""
     root, _ = experiment
-    saved = {arm: workdir_lib.read_config(str(root / "runs" / "seed0" / arm)) for arm in ARMS}
-    assert saved["transfer"].model.transfer_input == "cls+box" and not saved["transfer"].model.mlp_fusion
-    assert saved["transfer_mlp"].model.mlp_fusion
-    assert saved["random_embedding"].model.transfer_input == "random"
-    assert saved["oracle"].data.set_a == "all" and saved["oracle"].model.mask_mode == "class_specific"
+    detector = str(root / "runs" / "seed0" / "detector")
+    base = base_config(Protocol(config_path=CONFIG, seeds=(0,), detector_steps=3, mask_steps=2,
+                                overrides=_toy(root)))
+    built = {arm: arm_config(base, arm, 0, 2, detector) for arm in ARMS}
+    saved = {arm: workdir_lib.read_config(str(root / "runs" / "seed0" / arm)) for arm in TRAINED_ARMS}
     for arm, c in saved.items():
+        assert c.to_dict() == built[arm].to_dict(), arm
+    assert built["transfer"].model.transfer_input == "cls+box" and not built["transfer"].model.mlp_fusion
+    assert built["transfer_mlp"].model.mlp_fusion and built["transfer_mlp"].model.mask_mode == "transfer"
+    assert built["random_embedding"].model.transfer_input == "random"
+    assert built["class_agnostic"].model.mask_mode == "class_agnostic"
+    assert built["oracle"].data.set_a == "all" and built["oracle"].model.mask_mode == "class_specific"
+    for arm, c in built.items():
         assert c.train.freeze == "detector" and c.train.init_checkpoint.endswith(os.path.join("seed0", "detector"))
         assert c.train.seed == 0 and c.train.steps == 2
+        assert arm == "oracle" or c.data.set_a == base.data.set_a  # the same split, except the ceiling's masks
     # the oracle trains on every class's masks but is scored on the experiment's split, like the others
     metrics = json.load(open(root / "runs" / "seed0" / "oracle" / "metrics.json"))
     assert "set_b" in metrics and metrics["set_b"]
@@ -105,7 +125,7 @@ def test_report_tables_and_chart(experiment):
     root, results = experiment
     table = open(root / "transfer.md").read()
     assert table == transfer_report.markdown(results)
-    for arm in ARMS:
+    for arm in TRAINED_ARMS:
         assert transfer_report.ARM_TITLES[arm] in table
     assert "End to end" in table and "Headroom (oracle - class-agnostic" in table
     assert Image.open(root / "chart.png").size == (760, 420)
@@ -134,7 +154,7 @@ def test_finished_runs_are_not_run_again(experiment, monkeypatch):
     from maskx_jax import train_lib
 
     monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    protocol = Protocol(config_path=CONFIG, seeds=(0, 1), detector_steps=3, mask_steps=2,
+    protocol = Protocol(config_path=CONFIG, seeds=(0, 1), detector_steps=3, mask_steps=2, arms=TRAINED_ARMS,
                         end_to_end=("transfer_mlp",), overrides=_toy(root))
     again = run_experiment(protocol, str(root / "runs"), progress=False)
     assert again["arms"] == results["arms"] and again["end_to_end"] == results["end_to_end"]
