@@ -26,7 +26,7 @@ from benchmarks.common import ROOT, run_case, with_hugepages, write_rows
 DEFAULT_CASES = "auto:class_specific,xla:class_specific,auto:transfer"
 
 
-def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50) -> dict:
+def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: bool = False) -> dict:
     """One case, in this process (``--worker``)."""
     from maskx_jax.backends.cpu import xla_flags
 
@@ -41,12 +41,16 @@ def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50) -> dict:
     config = cases._our_train_config(size, size, 2, mask_mode)
     config.model.conv_impl = conv_impl
     config.model.depth = depth
+    if toy:  # the driver's test: narrow FPN and heads, few RoIs, one mask branch (not a measurement)
+        m = config.model
+        m.fpn_channels, m.representation, m.mask_head_channels, m.transfer_hidden = 32, 64, 32, 32
+        m.roi_batch_size_per_image, m.max_mask_rois_per_image, m.mask_slot_buckets = 64, 16, ()
     images = cases.smooth_images(2, size, size, seed=3)
     targets = cases.train_targets(2, size, size, 8, seed=4)
     trainer = Trainer(config, cases.COCO_CLASSES)
     state = trainer.init_state()
     data = trainer.global_batch(cases._our_batch(images, targets, config))
-    row = {"conv_impl": conv_impl, "mask_mode": mask_mode, "size": size, "depth": depth, "batch": 2,
+    row = {"conv_impl": conv_impl, "mask_mode": mask_mode, "size": size, "depth": depth, "toy": toy, "batch": 2,
            "rss_before_compile_mib": peak_rss_mib()}
     step = trainer.train_step.lower(state, data).compile()
     row["rss_after_compile_mib"] = peak_rss_mib()
@@ -79,18 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated conv_impl:mask_mode")
     p.add_argument("--size", type=int, default=512, help="square image side (multiple of 32)")
     p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet depth")
+    p.add_argument("--toy", action="store_true", help="narrow FPN and heads (a test of this script, not a measurement)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         conv_impl, mask_mode = args.worker.split(":")
-        print(json.dumps(measure(conv_impl, mask_mode, args.size, args.depth)), flush=True)
+        print(json.dumps(measure(conv_impl, mask_mode, args.size, args.depth, args.toy)), flush=True)
         return 0
     rows = []
     for case in args.cases.split(","):
         conv_impl, mask_mode = case.split(":")
         print(f"{conv_impl}, {mask_mode} ...", end=" ", flush=True)
-        worker_args = ["--worker", case, "--size", str(args.size), "--depth", str(args.depth)]
+        worker_args = ["--worker", case, "--size", str(args.size), "--depth", str(args.depth)] + ["--toy"] * args.toy
         row = run_case(os.path.abspath(__file__), worker_args, env=with_hugepages(dict(os.environ)))
         if "error" in row:
             rows.append({"conv_impl": conv_impl, "mask_mode": mask_mode, **row})

@@ -45,7 +45,7 @@ class PreprocessedBatch:
     original_sizes: np.ndarray
 
 
-def _to_rgb_float(image: np.ndarray) -> np.ndarray:
+def to_rgb_float(image: np.ndarray) -> np.ndarray:
     """Converts one input image to float32 RGB in [0, 1].
 
     Args:
@@ -105,7 +105,7 @@ def normalize(
     return out
 
 
-def _resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
+def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
     """torchvision's eval-mode resize factor (a Python float, i.e. float64)."""
     return min(min_size / min(height, width), max_size / max(height, width))
 
@@ -184,7 +184,7 @@ def resize_image(
       (resized float32 [h, w, C], scale: float), with scale the factor requested above.
     """
     height, width = image.shape[:2]
-    scale = _resize_scale(height, width, float(min_size), float(max_size))
+    scale = resize_scale(height, width, float(min_size), float(max_size))
     # At least one pixel: a very elongated image (e.g. 4 x 600) would otherwise lose its short side
     # (torchvision raises there); the training pipeline (data.prepare.fit_size) clamps the same way.
     out_h = max(int(math.floor(float(height) * scale)), 1)
@@ -238,7 +238,7 @@ def preprocess(
     resized = []
     original_sizes = []
     for image in images:
-        rgb = _to_rgb_float(image)
+        rgb = to_rgb_float(image)
         original_sizes.append(rgb.shape[:2])
         # Normalise before resizing: torchvision's order (it matters at the float32 ulp level).
         out, _ = resize_image(normalize(rgb, image_mean, image_std), min_size, max_size)

@@ -1,7 +1,7 @@
 """Robust image decoding: any file PIL can read becomes uint8 [H, W, 3] RGB, or None.
 
 Conversions are repairs and are counted (:mod:`maskx_jax.data.issues`): grayscale is
-replicated to RGB, alpha is dropped (not composited, as ``transform._to_rgb_float``),
+replicated to RGB, alpha is dropped (not composited, as ``transform.to_rgb_float``),
 16-bit images are scaled to 8 bits (``round(v / 257)``, which maps 0..65535 onto 0..255),
 palette/CMYK/other modes go through PIL's ``convert('RGB')``. EXIF orientation is not
 applied for training and evaluation (COCO annotations refer to the pixels as stored); prediction on

@@ -50,7 +50,7 @@ class PrepareOptions:
 
 def fit_size(height: int, width: int, o: PrepareOptions) -> tuple[int, int]:
     """Resized (h, w): torchvision's rule, then shrunk further to fit (pad_height, pad_width)."""
-    scale = transform._resize_scale(height, width, float(o.min_size), float(o.max_size))
+    scale = transform.resize_scale(height, width, float(o.min_size), float(o.max_size))
     out_h, out_w = int(math.floor(height * scale)), int(math.floor(width * scale))
     if out_h > o.pad_height or out_w > o.pad_width:
         scale = min(o.pad_height / height, o.pad_width / width)
@@ -103,7 +103,7 @@ def fill(arrays: dict[str, np.ndarray], slot: int, ex: Example, o: PrepareOption
     """
     height, width = ex.height, ex.width
     out_h, out_w = fit_size(height, width, o)
-    rgb = transform._to_rgb_float(ex.image)
+    rgb = transform.to_rgb_float(ex.image)
     resized = transform.bilinear_resize(transform.normalize(rgb), out_h, out_w)
     if flip:
         resized = resized[:, ::-1]

@@ -25,13 +25,13 @@ def evaluate_checkpoint(checkpoint: str, val_json: str, val_images: str, *, set_
                         max_images: int = 0, output: str | None = None, progress: bool = True,
                         verify: bool = True) -> dict:
     """The metrics dict of :func:`maskx_jax.eval.run.evaluate_model` (written to ``output`` when given)."""
-    from maskx_jax import predict
-    from maskx_jax.eval.run import evaluate_model
     from maskx_jax.config import base_config
     from maskx_jax.data import pipeline
+    from maskx_jax.eval.run import evaluate_model
+    from maskx_jax.predictor import load_predictor
 
-    predictor = predict.load_predictor(checkpoint, config_path=config_path, step=step, min_size=min_size,
-                                       max_size=max_size, pad=pad, verify=verify)
+    predictor = load_predictor(checkpoint, config_path=config_path, step=step, min_size=min_size,
+                               max_size=max_size, pad=pad, verify=verify)
     c = base_config()
     d = c.data
     d.source = "coco"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskx_jax import predict
+from maskx_jax import predict, predictor
 
 from tests.resources import ROOT
 TESTS = os.path.join(ROOT, "tests")
@@ -89,7 +89,7 @@ def test_helpers():
     assert predict.parse_pad("800x1344") == (800, 1344) and predict.parse_pad("256") == (256, 256)
     with pytest.raises(Exception):
         predict.parse_pad("100x200")  # not multiples of 32
-    assert predict.derived_pad(800, 1333) == (800, 1344)
+    assert predictor.derived_pad(800, 1333) == (800, 1344)
     assert predict.image_ids_for(["a/000000397133.jpg", "b/12.png"]) == [397133, 12]
     assert predict.image_ids_for(["a/1.jpg", "b/x.png"]) == [1, 2]
     assert predict.image_ids_for(["a/1.jpg", "b/01.png"]) == [1, 2]  # same integer twice
@@ -106,12 +106,12 @@ def test_helpers():
 
 def test_class_names_file(tmp_path):
     (tmp_path / "k.txt").write_text("cat\ndog\n\n")
-    assert predict.read_class_names(str(tmp_path / "k.txt"), 3) == ("__background__", "cat", "dog")
+    assert predictor.read_class_names(str(tmp_path / "k.txt"), 3) == ("__background__", "cat", "dog")
     (tmp_path / "k1.txt").write_text("bg\ncat\ndog\n")
-    assert predict.read_class_names(str(tmp_path / "k1.txt"), 3) == ("bg", "cat", "dog")
+    assert predictor.read_class_names(str(tmp_path / "k1.txt"), 3) == ("bg", "cat", "dog")
     with pytest.raises(ValueError, match="2 names"):
-        predict.read_class_names(str(tmp_path / "k.txt"), 5)
-    names = predict.torchvision_coco_names()
+        predictor.read_class_names(str(tmp_path / "k.txt"), 5)
+    names = predictor.torchvision_coco_names()
     assert len(names) == 91 and names[1] == "person" and names[12] == "N/A" and names[90] == "toothbrush"
 
 
@@ -155,7 +155,7 @@ def test_converted_checkpoint_cli(converted, tmp_path):
     from maskx_jax.checkpoint import load_flat
     from maskx_jax.state_utils import flat_arrays
 
-    fast, ref = flat_arrays(predict.load_converted_detector(converted)), load_flat(converted)
+    fast, ref = flat_arrays(predictor.load_converted_detector(converted)), load_flat(converted)
     assert fast.keys() == ref.keys()
     for k in ref:
         assert fast[k].dtype == ref[k].dtype and np.array_equal(fast[k], ref[k]), k
@@ -169,7 +169,7 @@ def test_converted_checkpoint_without_names_and_errors(converted, tmp_path, caps
     assert predict.main(["--checkpoint", str(tmp_path / "nope"), "--images", str(tmp_path / "im"),
                          "--output", str(tmp_path / "o")]) == 1
     assert "neither a converted checkpoint" in capsys.readouterr().err
-    p = predict.load_predictor(converted)  # no config: torchvision's sizes, 'class N' names
+    p = predictor.load_predictor(converted)  # no config: torchvision's sizes, 'class N' names
     assert (p.min_size, p.max_size, p.pad) == (800, 1333, (800, 1344)) and p.score_thresh == 0.5
     assert p.class_names == ("__background__", "class 1", "class 2", "class 3", "class 4")
     assert p.contiguous_to_cat_id == {1: 1, 2: 2, 3: 3, 4: 4}
@@ -211,10 +211,10 @@ def test_workdir_cli(tmp_path, monkeypatch):
     _check_outputs(str(out), expected, info.num_classes - 1, names=info.class_names[1:])
 
     # --config + a WORKDIR/checkpoints/<step> path: the config file's sizes, names and set B
-    p = predict.load_predictor(os.path.join(wd, "checkpoints", "0"), config_path=config_file)
+    p = predictor.load_predictor(os.path.join(wd, "checkpoints", "0"), config_path=config_file)
     assert p.kind == "workdir" and p.pad == (64, 64) and (p.min_size, p.max_size) == (64, 64)
     assert p.class_names == info.class_names and p.set_b_ids == info.set_b_ids and p.set_b_ids
-    assert predict.load_predictor(wd, config_path=config_file, min_size=96, max_size=128).pad == (96, 128)
+    assert predictor.load_predictor(wd, config_path=config_file, min_size=96, max_size=128).pad == (96, 128)
 
     # another architecture in --config is refused with the differing keys named
     bad = tmp_path / "bad_config.py"
@@ -225,7 +225,7 @@ def test_workdir_cli(tmp_path, monkeypatch):
     code = predict.main(["--config", str(bad), "--checkpoint", wd, "--images", *files, "--output", str(out3)])
     assert code == 1 and not (out3 / predict.RESULTS_FILE).exists()
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
-        predict.load_predictor(wd, step=7)
+        predictor.load_predictor(wd, step=7)
 
     # Predicting reads the weights alone: no trainer (optimiser, training mesh policy) is built, and the
     # detections are bitwise those of the trainer's own predict on the state that was saved.
@@ -235,7 +235,7 @@ def test_workdir_cli(tmp_path, monkeypatch):
         raise AssertionError("predict built a Trainer")
 
     monkeypatch.setattr(trainer_lib.Trainer, "__init__", no_trainer)
-    p = predict.load_predictor(wd)
+    p = predictor.load_predictor(wd)
     images, sizes, _ = predict.prepare_images([np.asarray(Image.open(tmp_path / "images" / "a_rgb.png"))] * 2,
                                               p.min_size, p.max_size, p.pad)
     ours, theirs = p.predict_fn(images, sizes), trainer_predict(images, sizes)
@@ -282,12 +282,12 @@ def test_config_overrides(converted, tmp_path):
     with pytest.raises(ValueError, match="expected a int"):
         config_lib.apply_overrides(c, [("train.steps", "1.5")])
     # a converted checkpoint takes its inference settings from the command line; the architecture is its own
-    p = predict.load_predictor(converted, overrides=[("model.detections_per_img", "7")], min_size=64, max_size=64)
+    p = predictor.load_predictor(converted, overrides=[("model.detections_per_img", "7")], min_size=64, max_size=64)
     rng = np.random.default_rng(0)
     det = p.predict_fn(rng.normal(size=(1, 64, 64, 3)).astype(np.float32), np.array([[64, 64]], np.int32))
     assert np.asarray(det.boxes).shape == (1, 7, 4)
     with pytest.raises(ValueError, match="inference settings only"):
-        predict.load_predictor(converted, overrides=[("model.fpn_channels", "16")])
+        predictor.load_predictor(converted, overrides=[("model.fpn_channels", "16")])
     _image_dir(tmp_path / "im")
     assert predict.main(["--checkpoint", converted, "--images", str(tmp_path / "im"), "--output",
                          str(tmp_path / "o"), "--config.model.detections_per_img=3", "--min-size", "64",
