@@ -280,7 +280,7 @@ def train(framework: str, height: int, width: int, batch: int = 2, instances: in
         holder = [state]
 
         def run():
-            holder[0], metrics = step(holder[0], data)
+            holder[0], metrics = step(holder[0], data, trainer.train_step.seed)  # the seed: an argument
             jax.block_until_ready(metrics["total"])
 
         row["run"] = timed(run, repeats)
