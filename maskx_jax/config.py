@@ -282,10 +282,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size and train.steps must be >= 1")
     check(t.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite must be one of {ON_NONFINITE}, got {t.on_nonfinite!r}")
     check(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every and train.log_every must be >= 1")
-    unknown = [p for p in shard_parts(t.get("shard_params", "")) if p not in SHARDABLE_PARAMS]
+    sharded = shard_parts(t.get("shard_params", ""))
+    unknown = [p for p in sharded if p not in SHARDABLE_PARAMS]
     check(not unknown, f"train.shard_params: {unknown} cannot be sharded; allowed: {SHARDABLE_PARAMS} (each one's "
           "sharded step is tested equal to one device; others are not: see docs/scaling.md)")
-    check("mask_mlp" not in shard_parts(t.get("shard_params", "")) or (m.mlp_fusion and m.mask_mode != "none"),
+    check("mask_mlp" not in sharded or (m.mlp_fusion and m.mask_mode != "none"),
           "train.shard_params=mask_mlp needs model.mlp_fusion=True (without it the model has no MLP-fusion FC)")
     # Tuple-valued keys: a command-line override can give them any shape, so check it here
     # rather than deep inside the model's tracing.
