@@ -27,6 +27,28 @@ def path_name(path: Path) -> str:
     return ".".join(map(str, path))
 
 
+def key_path_name(key_path: tuple) -> str:
+    """The dotted name of a ``jax.tree_util`` key path over any pytree (a training state's attributes, dict keys,
+    list indices, optimiser-state fields alike): ``(GetAttrKey('params'), DictKey('rpn'), SequenceKey(0),
+    DictKey('kernel'))`` -> ``'params.rpn.0.kernel'``, spelled as :func:`path_name` spells a variable path. A
+    trailing ``.value`` (an ``nnx.Variable``'s own field) is dropped, so a state and the plain dict a checkpoint
+    restores name a leaf alike. Checkpoints' hash records key on these names: do not change the spelling."""
+    def part(k) -> object:
+        for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
+            if hasattr(k, attr):
+                return getattr(k, attr)
+        return k
+
+    name = path_name(tuple(part(k) for k in key_path))
+    return name[:-len(".value")] if name.endswith(".value") else name
+
+
+def named_leaves(tree) -> dict[str, object]:
+    """{:func:`key_path_name`: leaf} for every array leaf (anything with a ``shape``) of ``tree``."""
+    return {key_path_name(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(leaf, "shape")}
+
+
 def name_path(name: str) -> Path:
     """Inverse of :func:`path_name`: digit components are sequence indices (no attribute name is all digits)."""
     return tuple(int(part) if part.isdigit() else part for part in name.split("."))

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from maskx_jax import integrity
+from maskx_jax.state_utils import named_leaves
 from maskx_jax.train.config_checks import ConfigMismatchError
 from maskx_jax.train.layout import CHECKPOINT_DIR, DAMAGED_DIR
 from maskx_jax.train.step import TrainState
@@ -38,24 +39,8 @@ def make_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
 
 
-def _named_leaves(tree: Any) -> dict[str, Any]:
-    """{'params.rpn.head.conv.kernel': leaf} for every array leaf (attribute, dict and list keys alike)."""
-    def name(k) -> str:
-        for attr in ("name", "key", "idx"):
-            if hasattr(k, attr):
-                return str(getattr(k, attr))
-        return str(k)
-
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if hasattr(leaf, "shape"):
-            key = ".".join(name(k) for k in path)
-            out[key[:-len(".value")] if key.endswith(".value") else key] = leaf
-    return out
-
-
 def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
-    """``_named_leaves`` of ``tree`` as host arrays. On several hosts a process reads a replicated leaf from its
+    """``named_leaves(tree)`` as host arrays. On several hosts a process reads a replicated leaf from its
     own devices' copy (no cross-host fetch); a leaf split over the hosts (``train.shard_params``) is gathered,
     which every process does in the same order (save and restore run on all of them)."""
     def host(leaf):
@@ -67,12 +52,12 @@ def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
             return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
         return np.asarray(jax.device_get(leaf))
 
-    return {k: host(leaf) for k, leaf in _named_leaves(tree).items()}
+    return {k: host(leaf) for k, leaf in named_leaves(tree).items()}
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple]:
     """{'params.rpn.head.conv.kernel': shape} for every array leaf."""
-    return {k: tuple(leaf.shape) for k, leaf in _named_leaves(tree).items()}
+    return {k: tuple(leaf.shape) for k, leaf in named_leaves(tree).items()}
 
 
 def check_checkpoint_fits(manager: ocp.CheckpointManager, trainer: Trainer, step: int, max_lines: int = 15) -> None:
@@ -182,7 +167,7 @@ def restore_variables(manager: ocp.CheckpointManager, step: int, *, verify: bool
         raise
     except Exception as e:  # noqa: BLE001 - orbax re-raises tensorstore's read errors as a bare Exception
         raise integrity.read_error(e, where) from None
-    named = _named_leaves(tree)
+    named = named_leaves(tree)
     integrity.check(named, recorded_digests(manager, step) if verify else None, where, verify=verify)
     out = {}
     for name, array in named.items():

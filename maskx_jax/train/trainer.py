@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maskx_jax.config import shard_parts, validate
 from maskx_jax.optim import make_optimizer, make_schedule, skipped_losses, trainable_filter
+from maskx_jax.state_utils import key_path_name
 from maskx_jax.train.config_checks import check_scaling
 from maskx_jax.train.distributed import DATA_AXIS, create_mesh
 from maskx_jax.train.step import TrainState, make_train_step
@@ -127,7 +128,7 @@ class Trainer:
         used: set[str] = set()
 
         def sharding(path, leaf) -> NamedSharding:
-            name = jax.tree_util.keystr(path)
+            name = key_path_name(path)
             matching = [p for p in parts if p in name]
             if not matching or not leaf.shape:
                 return self.replicated

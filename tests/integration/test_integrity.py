@@ -26,7 +26,7 @@ import train_fixtures as F
 from maskx_jax import integrity, predict, train_lib
 from maskx_jax.checkpoint import META_FILE, load_detector, load_flat, save_detector, save_flat
 from maskx_jax.detector import MaskRCNN
-from maskx_jax.state_utils import flat_arrays
+from maskx_jax.state_utils import flat_arrays, named_leaves
 from maskx_jax.train import checkpointing
 from tests.model_utils import tiny_config
 
@@ -197,7 +197,7 @@ def test_damaged_training_checkpoint_is_refused_and_resume_falls_back(tmp_path, 
     _bitwise(_restore(tmp_path / "straight", trainer, 4), _restore(tmp_path / "run", trainer, 4))
     # the weights-only read gives the restored state's variables, bitwise, by name
     state = _restore(tmp_path / "run", trainer, 6)
-    named = checkpointing._named_leaves({"params": state.params, "rest": state.rest})
+    named = named_leaves({"params": state.params, "rest": state.rest})
     variables = _variables(tmp_path / "run", 6)
     assert sorted(variables) == sorted(k.partition(".")[2] for k in named) and "big" in variables
     for name, leaf in named.items():
