@@ -301,6 +301,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f"model.aspect_ratios must be a non-empty tuple of positive numbers, got {m.aspect_ratios!r}")
     check(numbers(m.mask_slot_buckets, int) or m.mask_slot_buckets in ((), []),
           f"model.mask_slot_buckets must be a tuple of positive slot counts (or empty), got {m.mask_slot_buckets!r}")
+    check(isinstance(m.mask_chunk_slots, int) and not isinstance(m.mask_chunk_slots, bool) and m.mask_chunk_slots >= 0,
+          f"model.mask_chunk_slots must be an int >= 0 (0 = all slots at once), got {m.mask_chunk_slots!r}")
     lr_steps_ok = numbers(t.lr_steps, int) or len(t.lr_steps) == 0
     check(lr_steps_ok, f"train.lr_steps must be a tuple of positive step numbers, got {t.lr_steps!r}")
     check(not lr_steps_ok or list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps must be increasing")

@@ -21,8 +21,8 @@ from maskx_jax.canvas import Canvas
 from maskx_jax.detector_config import DetectorConfig
 from maskx_jax.fpn import ResNetFPN
 from maskx_jax.layers import Conv2d
-from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss,
-                                 mask_targets)
+from maskx_jax.mask_head import (MaskRCNNHeads, MaskRCNNPredictor, mask_logits_for_labels, mask_loss_denominator,
+                                 mask_loss_sum, mask_targets)
 from maskx_jax.roi_align import multiscale_roi_align
 from maskx_jax.rpn import RPN, sample_anchors, sampled_rpn_losses, select_proposals
 from maskx_jax.types import Batch, Detections
@@ -286,15 +286,28 @@ class MaskRCNN(nnx.Module):
         flat_gt = (matched + jnp.arange(n, dtype=jnp.int32)[:, None] * g)
         crops = batch.gt_masks.reshape(n * g, *batch.gt_masks.shape[2:])
 
+        def chunk_loss_sum(slots: tuple[Array, ...]) -> Array:
+            """Summed mask BCE of some slots of every image: rois [N, c, 4], the rest [N, c]."""
+            c_rois, c_labels, c_boxes, c_gt, c_supervise = slots
+            logits = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(c_rois), canvas),
+                                      c_labels.reshape(-1))
+            targets = mask_targets(c_rois.reshape(-1, 4), c_boxes.reshape(-1, 4), crops, c_gt.reshape(-1),
+                                   resolution=logits.shape[-1])
+            if cfg.binarize_mask_targets:  # Detectron: a pixel is in the mask iff >= half of it is
+                targets = (targets >= 0.5).astype(targets.dtype)
+            return mask_loss_sum(logits, jax.lax.stop_gradient(targets), c_supervise.reshape(-1))
+
+        slots = (rois, labels, matched_boxes, flat_gt, supervise)
+        chunk = int(cfg.mask_chunk_slots)
+        chunked = lambda k: 0 < chunk < k
+
         def branch(k: int) -> Callable[[], Array]:
             def loss() -> Array:
-                logits = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(rois[:, :k]), canvas),
-                                          labels[:, :k].reshape(-1))
-                targets = mask_targets(rois[:, :k].reshape(-1, 4), matched_boxes[:, :k].reshape(-1, 4), crops,
-                                       flat_gt[:, :k].reshape(-1), resolution=logits.shape[-1])
-                if cfg.binarize_mask_targets:  # Detectron: a pixel is in the mask iff >= half of it is
-                    targets = (targets >= 0.5).astype(targets.dtype)
-                return mask_loss(logits, jax.lax.stop_gradient(targets), supervise[:, :k].reshape(-1))
+                first = tuple(x[:, :k] for x in slots)
+                denom = mask_loss_denominator(supervise[:, :k].reshape(-1), 2 * cfg.mask_roi_size)
+                if not chunked(k):
+                    return chunk_loss_sum(first) / denom
+                return chunked_sum(jax.checkpoint(chunk_loss_sum), first, chunk) / denom
             return loss
 
         sizes = mask_slot_sizes(m, cfg.mask_slot_buckets)
@@ -303,8 +316,25 @@ class MaskRCNN(nnx.Module):
         # Rematerialised branches: lax.switch keeps every branch's backward residuals (zero-filled for
         # the branches not taken), ~0.3 GiB of memset per step at 128 slots; with jax.checkpoint the
         # residuals are the branch inputs, which exist anyway, and the taken branch's forward is
-        # recomputed in the backward pass.
-        return jax.lax.switch(mask_slot_index(supervise, sizes), [jax.checkpoint(branch(k)) for k in sizes])
+        # recomputed in the backward pass. A chunked branch checkpoints each chunk instead (its residuals
+        # are the chunks' inputs; an outer checkpoint would run the mask head's forward a third time).
+        remat = lambda k: branch(k) if chunked(k) else jax.checkpoint(branch(k))
+        return jax.lax.switch(mask_slot_index(supervise, sizes), [remat(k) for k in sizes])
+
+
+def chunked_sum(fn: Callable[[tuple[Array, ...]], Array], slots: tuple[Array, ...], chunk: int) -> Array:
+    """``sum_j fn(slots[:, j*chunk:(j+1)*chunk])``, one chunk after the other (``lax.map``) so that only one
+    chunk's intermediates are alive at a time. Every array of ``slots`` is [N, k, ...]; the last chunk is
+    padded with zeros (``fn`` must give 0 for all-zero slots, e.g. through a False weight)."""
+    k = slots[0].shape[1]
+    n_chunks = -(-k // chunk)
+    pad = n_chunks * chunk - k
+
+    def split(x: Array) -> Array:  # [N, k, ...] -> [n_chunks, N, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:]), 1, 0)
+
+    return jnp.sum(jax.lax.map(fn, tuple(split(x) for x in slots)))
 
 
 def mask_slot_sizes(max_slots: int, buckets: Sequence[int]) -> tuple[int, ...]:

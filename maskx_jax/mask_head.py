@@ -128,7 +128,16 @@ def mask_loss(logits: Array, targets: Array, weight: Array) -> Array:
     logits, targets: [R, M, M]; weight: [R] bool (positive RoI whose gt instance has a mask).
     Divides by max(#RoIs, 1) * M * M, so an image batch with no set-A RoI gives 0, not NaN.
     """
+    return mask_loss_sum(logits, targets, weight) / mask_loss_denominator(weight, logits.shape[1])
+
+
+def mask_loss_sum(logits: Array, targets: Array, weight: Array) -> Array:
+    """The numerator of :func:`mask_loss`: summed per-pixel BCE of the RoIs with ``weight`` True (shapes as
+    there). Sums of disjoint RoI chunks add up to the whole batch's."""
     per_pixel = optax.sigmoid_binary_cross_entropy(logits, targets)
-    w = weight.astype(per_pixel.dtype)[:, None, None]
-    denom = jnp.maximum(weight.sum(), 1) * logits.shape[1] * logits.shape[2]
-    return jnp.sum(per_pixel * w) / denom
+    return jnp.sum(per_pixel * weight.astype(per_pixel.dtype)[:, None, None])
+
+
+def mask_loss_denominator(weight: Array, resolution: int) -> Array:
+    """The denominator of :func:`mask_loss`: max(#RoIs with ``weight`` True, 1) * resolution^2."""
+    return (jnp.maximum(weight.sum(), 1) * resolution * resolution).astype(jnp.float32)

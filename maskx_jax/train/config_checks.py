@@ -28,8 +28,8 @@ INFERENCE_ONLY_MODEL_KEYS = frozenset({
     "model.box_nms_thresh", "model.detections_per_img",
 })
 # Model keys that change how a step computes, not what is saved: a run may resume with another value.
-COMPUTE_ONLY_MODEL_KEYS = frozenset({"model.dtype", "model.mask_slot_buckets", "model.exact_canvas",
-                                     "model.conv_impl"})
+COMPUTE_ONLY_MODEL_KEYS = frozenset({"model.dtype", "model.mask_slot_buckets", "model.mask_chunk_slots",
+                                     "model.exact_canvas", "model.conv_impl"})
 # Model keys that only shape the losses or the initial values (the training recipe): a run may resume with
 # another value, and a config.json written before they existed resumes as it is.
 TRAINING_ONLY_MODEL_KEYS = frozenset({"model.box_predictor_init", "model.box_reg_beta", "model.binarize_mask_targets"})

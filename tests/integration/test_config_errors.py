@@ -25,6 +25,8 @@ CASES = {
                          "model.anchor_sizes must be 5 non-empty tuples (P2..P6) of positive sizes"),
     "bad_buckets": (["--config.model.mask_slot_buckets=(16,-1)"],
                     "model.mask_slot_buckets must be a tuple of positive slot counts (or empty), got (16, -1)"),
+    "bad_chunk": (["--config.model.mask_chunk_slots=-8"],
+                  "model.mask_chunk_slots must be an int >= 0 (0 = all slots at once), got -8"),
     "bad_value": (["--config.model.depth=19"], "model.depth must be 18, 34, 50 or 101, got 19"),
     "transfer_without_set_a": (["--config.data.set_a="], "model.mask_mode=transfer needs a non-empty data.set_a"),
     "set_a_unknown_class": (["--config.data.set_a=disk,unicorn,square"],

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskx_jax.detector import MaskRCNN, mask_slot_index, mask_slot_sizes
+from maskx_jax import detector
+from maskx_jax.detector import MaskRCNN, chunked_sum, mask_slot_index, mask_slot_sizes
 from tests.model_utils import synthetic_batch, tiny_config
 
 
@@ -54,6 +55,12 @@ def test_bucketed_mask_branch_equals_the_static_one():
                                  batch)
     t1, p1, g1 = _loss_and_grads(tiny_config(mask_mode="class_specific", mlp_fusion=False,
                                              mask_slot_buckets=(1, 2, 3, 4, 5, 6, 7)), batch)
+    _assert_same_loss_and_grads((t0, p0, g0), (t1, p1, g1))
+
+
+def _assert_same_loss_and_grads(reference, other):
+    """Equal losses and gradients up to float summation order (the mask head really compared)."""
+    (t0, p0, g0), (t1, p1, g1) = reference, other
     assert float(p0["loss_mask"]) > 0
     for k in p0:
         np.testing.assert_allclose(float(p1[k]), float(p0[k]), rtol=1e-6, atol=1e-7, err_msg=k)
@@ -66,6 +73,27 @@ def test_bucketed_mask_branch_equals_the_static_one():
                                    err_msg=jax.tree_util.keystr(path))
         changed += "mask" in jax.tree_util.keystr(path) and scale > 0
     assert changed >= 4  # the mask head's gradients are really compared, not all zero
+
+
+def test_chunked_mask_branch_equals_all_slots_at_once(monkeypatch):
+    """model.mask_chunk_slots: the mask head run 3 slots per image at a time (8 slots: 3 chunks, the last
+    padded) gives the loss and gradients of all slots at once, alone and inside the bucket switch (Mask^X with
+    MLP fusion, whose FC gradient is summed over the chunks)."""
+    chunk_calls = []
+
+    def counting(fn, slots, chunk):
+        chunk_calls.append((slots[0].shape[1], chunk))
+        return chunked_sum(fn, slots, chunk)
+
+    monkeypatch.setattr(detector, "chunked_sum", counting)
+    batch = synthetic_batch(seed=1)
+    reference = _loss_and_grads(tiny_config(mask_slot_buckets=(), mask_chunk_slots=0), batch)
+    _assert_same_loss_and_grads(reference, _loss_and_grads(tiny_config(mask_slot_buckets=(), mask_chunk_slots=3),
+                                                           batch))
+    _assert_same_loss_and_grads(reference, _loss_and_grads(tiny_config(mask_slot_buckets=(2, 4), mask_chunk_slots=3),
+                                                           batch))
+
+    assert chunk_calls == [(8, 3), (4, 3), (8, 3)]  # traced: the two runs above, only branches above 3 slots
 
 
 def test_the_switch_is_in_the_step_only_when_a_bucket_is_below_the_cap():

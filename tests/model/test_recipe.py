@@ -97,13 +97,13 @@ def test_box_loss_beta_against_its_formula(beta):
 def test_binarized_mask_targets(monkeypatch):
     """With binarize_mask_targets the mask loss sees exactly (soft target >= 0.5)."""
     seen = []
-    real = detector_lib.mask_loss
+    real = detector_lib.mask_loss_sum
 
     def spy(logits, targets, weight):
         jax.debug.callback(lambda t: seen.append(np.asarray(t)), targets)  # the values the compiled loss sees
         return real(logits, targets, weight)
 
-    monkeypatch.setattr(detector_lib, "mask_loss", spy)
+    monkeypatch.setattr(detector_lib, "mask_loss_sum", spy)
     batch = synthetic_batch(0)
     for binarize in (False, True):
         model = MaskRCNN(tiny_config(mask_mode="class_agnostic", mlp_fusion=False, mask_slot_buckets=(),
