@@ -2,15 +2,19 @@
 
     python benchmarks/train_memory.py [--size 512] [--depth 50] [--cases auto:class_specific,xla:class_specific,...]
 
-Each case (``model.conv_impl``:``model.mask_mode``) runs in its own process, on the benchmark's R50-FPN training
-step (``benchmarks/cases.py``: batch 2, 8 instances per image, SGD, frozen BN, torchvision's trainable layers;
-``transfer`` = Mask^X with MLP fusion). It records the process's peak RSS (``ru_maxrss``) at three moments: with
-the model built and the batch on the device (``rss_before_compile_mib``), after compiling the step
-(``rss_after_compile_mib``: the compiler's own peak), and after two steps (``rss_after_steps_mib``: the step's
-peak), with ``compiled.memory_analysis()`` of the step: temporaries (activations kept for the backward pass,
-gradients, workspace), arguments (parameters, optimiser state, batch) and outputs (the new state, donated into
-the arguments' buffers: ``alias``). Writes ``benchmarks/results/train_memory.json`` and ``.md``. The processes
-run with glibc's huge-page tunable, as ``make bench``'s.
+Each case (``model.conv_impl``:``model.mask_mode``[:all], ``all`` = the mask branch always on its 128 slots, the
+worst case) runs in its own process, on the benchmark's R50-FPN training step (``benchmarks/cases.py``: batch 2, 8
+instances per image, SGD, frozen BN, torchvision's trainable layers; ``transfer`` = Mask^X with MLP fusion). It
+records the process's peak RSS (``ru_maxrss``) at three moments: with the model built and the batch on the device
+(``rss_before_compile_mib``), after compiling the step the way the training loop does (``Trainer.train_step.compile``:
+``rss_after_compile_mib`` is the compiler's own peak; the compiler's freed memory is then handed back to the OS,
+``rss_released_mib`` is what stays resident), and after two steps (``rss_after_steps_mib``: the run's peak), with
+``compiled.memory_analysis()`` of the step: temporaries (activations kept for the backward pass, gradients,
+workspace), arguments (parameters, optimiser state, batch) and outputs (the new state, donated into the
+arguments' buffers: ``alias``). The case ``torch:class_specific`` is torchvision's same step (its peak RSS after
+compiling nothing and running three steps), for the ratio in the same run. Writes
+``benchmarks/results/train_memory.json`` and ``.md``. The processes run with glibc's huge-page tunable, as
+``make bench``'s.
 """
 from __future__ import annotations
 
@@ -23,24 +27,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, run_case, with_hugepages, write_rows
 
-DEFAULT_CASES = "auto:class_specific,xla:class_specific,auto:transfer"
+DEFAULT_CASES = "torch:class_specific,auto:class_specific,auto:class_specific:all,xla:class_specific,auto:transfer"
 
 
-def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: bool = False) -> dict:
+def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: bool = False,
+            all_slots: bool = False) -> dict:
     """One case, in this process (``--worker``)."""
+    from benchmarks import cases
+
+    if conv_impl == "torch":  # torchvision's step (R-50 at this size): its peak after three steps; no JAX here
+        row = cases.train("torch", size, size, batch=2, repeats=2)
+        return {"conv_impl": "torch", "mask_mode": mask_mode, "size": size, "depth": 50, "toy": False, "batch": 2,
+                "all_slots": False, "rss_after_steps_mib": row["peak_rss_mib"]}
     from maskx_jax.backends.cpu import xla_flags
 
     xla_flags.apply_cpu_defaults()
     import jax
 
-    from benchmarks import cases
     from benchmarks.common import isolate_jax, peak_rss_mib
+    from maskx_jax.host_memory import resident_mib
     from maskx_jax.train_lib import Trainer
 
     isolate_jax()
     config = cases._our_train_config(size, size, 2, mask_mode)
     config.model.conv_impl = conv_impl
     config.model.depth = depth
+    if all_slots:
+        config.model.mask_slot_buckets = ()
     if toy:  # the driver's test: narrow FPN and heads, few RoIs, one mask branch (not a measurement)
         m = config.model
         m.fpn_channels, m.representation, m.mask_head_channels, m.transfer_hidden = 32, 64, 32, 32
@@ -51,9 +64,11 @@ def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: boo
     state = trainer.init_state()
     data = trainer.global_batch(cases._our_batch(images, targets, config))
     row = {"conv_impl": conv_impl, "mask_mode": mask_mode, "size": size, "depth": depth, "toy": toy, "batch": 2,
+           "all_slots": all_slots, "mask_chunk_slots": int(config.model.mask_chunk_slots),
            "rss_before_compile_mib": peak_rss_mib()}
-    step = trainer.train_step.lower(state, data).compile()
+    step = trainer.train_step.compile(state, data)  # as the training loop: compile, then release
     row["rss_after_compile_mib"] = peak_rss_mib()
+    row["rss_released_mib"] = resident_mib()
     mem = step.memory_analysis()
     mib = 1.0 / 2**20
     row.update(temp_mib=mem.temp_size_in_bytes * mib, argument_mib=mem.argument_size_in_bytes * mib,
@@ -66,16 +81,23 @@ def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: boo
 
 
 def markdown(result: dict) -> str:
-    out = ["| conv_impl | mask head | RSS before compile | after compile | after 2 steps | XLA temp | arguments "
-           "| outputs (aliased) |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    rows = result["rows"]
+    torch = next((r["rss_after_steps_mib"] for r in rows if r.get("conv_impl") == "torch" and "error" not in r), None)
+    out = ["| conv_impl | mask head | RSS before compile | after compile | after release | peak (after 2 steps) "
+           "| vs torchvision | XLA temp | arguments | outputs (aliased) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k: "" if r.get(k) is None else f"{r[k]:.0f}"
+    for r in rows:
+        head = r["mask_mode"] + (", all 128 slots" if r.get("all_slots") else "")
         if "error" in r:
-            out.append(f"| {r['conv_impl']} | {r['mask_mode']} | error: {r['error'][:80]} | | | | | |")
+            out.append(f"| {r['conv_impl']} | {head} | error: {r['error'][:80]} | | | | | | | |")
             continue
-        out.append(f"| {r['conv_impl']} | {r['mask_mode']} | {r['rss_before_compile_mib']:.0f} | "
-                   f"{r['rss_after_compile_mib']:.0f} | {r['rss_after_steps_mib']:.0f} | {r['temp_mib']:.0f} | "
-                   f"{r['argument_mib']:.0f} | {r['output_mib']:.0f} ({r['alias_mib']:.0f}) |")
-    return "\n".join(out) + "\n\nMiB; RSS figures are the process's peak so far.\n"
+        ratio = f"{r['rss_after_steps_mib'] / torch:.2f}x" if torch else ""
+        aliased = "" if r.get("alias_mib") is None else f" ({r['alias_mib']:.0f})"
+        out.append(f"| {r['conv_impl']} | {head} | {f(r, 'rss_before_compile_mib')} | {f(r, 'rss_after_compile_mib')} "
+                   f"| {f(r, 'rss_released_mib')} | {f(r, 'rss_after_steps_mib')} | {ratio} | {f(r, 'temp_mib')} "
+                   f"| {f(r, 'argument_mib')} | {f(r, 'output_mib')}{aliased} |")
+    return "\n".join(out) + ("\n\nMiB; RSS figures are the process's peak so far, except 'after release' (resident "
+                             "then); 'vs torchvision': the peak over torchvision's in this run.\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        conv_impl, mask_mode = args.worker.split(":")
-        print(json.dumps(measure(conv_impl, mask_mode, args.size, args.depth, args.toy)), flush=True)
+        conv_impl, mask_mode, *slots = args.worker.split(":")
+        print(json.dumps(measure(conv_impl, mask_mode, args.size, args.depth, args.toy, slots == ["all"])),
+              flush=True)
         return 0
     rows = []
     for case in args.cases.split(","):
-        conv_impl, mask_mode = case.split(":")
+        conv_impl, mask_mode = case.split(":")[:2]
         print(f"{conv_impl}, {mask_mode} ...", end=" ", flush=True)
         worker_args = ["--worker", case, "--size", str(args.size), "--depth", str(args.depth)] + ["--toy"] * args.toy
         row = run_case(os.path.abspath(__file__), worker_args, env=with_hugepages(dict(os.environ)))

@@ -205,6 +205,8 @@ def _train_loop(trainer: Trainer, state: TrainState, batches: Iterator[Batch], s
             logging.info("process %d of %d loads images %s of step %d's global batch", jax.process_index(),
                          jax.process_count(), [int(i) for i in np.asarray(local.image_ids).reshape(-1)], step)
         batch = trainer.global_batch(local)
+        if step == start:  # compiled before its first run, and the compiler's leftovers handed back
+            trainer.train_step.compile(state, batch)
         state, metrics = trainer.train_step(state, batch)
         metrics_behind.push(metrics)
         done = step + 1

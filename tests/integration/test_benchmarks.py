@@ -117,5 +117,6 @@ def test_train_memory_benchmark_splits_the_peak(tmp_path):
     (row,) = json.loads((tmp_path / "train_memory.json").read_text())["rows"]
     assert (row["conv_impl"], row["mask_mode"], row["size"], row["depth"]) == ("auto", "class_specific", 64, 18)
     assert 0 < row["rss_before_compile_mib"] <= row["rss_after_compile_mib"] <= row["rss_after_steps_mib"]
+    assert 0 < row["rss_released_mib"] <= row["rss_after_compile_mib"] + 1  # resident after the trim
     assert row["temp_mib"] > 0 and row["argument_mib"] > 50  # R18's parameters and momentum (~90 MiB)
     assert "| auto | class_specific |" in (tmp_path / "train_memory.md").read_text()

@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 import train_fixtures as F
-from maskx_jax import train_lib
+from maskx_jax import host_memory, train_lib
 from maskx_jax.checkpoint import save_flat
+from maskx_jax.train import trainer as trainer_lib
 
 
 def _flat(tree) -> dict:
@@ -283,16 +284,38 @@ def test_real_model_init_checkpoint(tmp_path):
                                   np.asarray(other.backbone.body.layer4[1].conv2.kernel[...]))
 
 
-def test_train_step_compiles_once(tmp_path):
-    """Many steps with new data and a new state each time: one trace and one executable."""
+def test_train_step_compiles_once(tmp_path, monkeypatch):
+    """Many steps with new data and a new state each time: one trace and one executable. The loop compiles the
+    step ahead of its first call (to release the compiler's host memory before the step runs): the calls then
+    trace, lower and compile nothing."""
+    events = []
+    listen = lambda name, *_, **__: events.append(name)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    released = []
+    monkeypatch.setattr(trainer_lib, "release_host_memory", lambda: released.append(1) or (2.0, 1.0))
     trainer = train_lib.Trainer(F.stand_in_config(), F.NUM_CLASSES, model_fn=F.tiny_model_fn)
     state = trainer.init_state()
+    first = trainer.global_batch(F.synthetic_batch(0, 0, F.stand_in_config().train.batch_size))
+    compiled = trainer.train_step.compile(state, first)
+    assert compiled.memory_analysis() is not None and released == [1]
+    events.clear()
     for step in range(4):
         batch = trainer.global_batch(F.synthetic_batch(0, step, F.stand_in_config().train.batch_size))
         state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics["total"])
     assert int(state.step) == 4
     assert trainer.train_step.jitted._cache_size() == 1
+    jax.monitoring.unregister_event_duration_listener(listen)
+    assert not [e for e in events if e.startswith("/jax/core/compile/")], events
+
+
+def test_release_host_memory_reports_resident_sizes():
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, freed below: glibc may keep it, the trim returns it
+    del block
+    out = host_memory.release_host_memory()
+    assert out is not None  # this machine runs glibc on Linux
+    before, after = out
+    assert 0 < after <= before + 1
 
 
 def test_the_seed_is_an_argument_of_the_compiled_programs():
