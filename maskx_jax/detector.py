@@ -269,7 +269,9 @@ class MaskRCNN(nnx.Module):
         supervised positives: chosen inside the step by ``lax.switch`` over one static-shape branch
         per bucket. The loss equals the all-M-slots loss (the dropped slots have weight 0) while the
         mask head, the costliest part of the step when positives are few, runs on k slots. Under
-        data parallelism the count is a max over the global batch (one all-reduce).
+        data parallelism the count is a max over the global batch (one all-reduce). A branch of more than
+        ``mask_chunk_slots`` slots runs them that many at a time (:func:`chunked_sum`), which bounds the
+        step's memory by one chunk's activations; the loss is the same sum over the slots.
         """
         cfg = self.cfg
         m = min(cfg.max_mask_rois_per_image, samples.rois.shape[1])

@@ -96,3 +96,24 @@ def test_scaling_doc_quotes_the_committed_fsdp_measurement():
     with open(os.path.join(ROOT, "docs", "scaling.md")) as f:
         text = f.read()
     assert table and all(line in text for line in table if line.startswith("|")), "docs/scaling.md is stale"
+
+
+def test_train_memory_figures_are_the_committed_measurement():
+    """docs/performance.md's train-memory table is benchmarks/results/train_memory.md, and the README's peak-memory
+    ratios are those of train_memory.json (the default step and Mask^X over torchvision's, same run)."""
+    import json
+
+    results = os.path.join(ROOT, "benchmarks", "results")
+    with open(os.path.join(results, "train_memory.md")) as f:
+        table = [line for line in f.read().splitlines() if line.startswith("|")]
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        doc = f.read()
+    assert table and all(line in doc for line in table), "docs/performance.md's train-memory table is stale"
+    with open(os.path.join(results, "train_memory.json")) as f:
+        rows = [r for r in json.load(f)["rows"] if "error" not in r]
+    peak = {(r["conv_impl"], r["mask_mode"]): r["rss_after_steps_mib"] for r in rows if not r.get("all_slots")}
+    torch = peak[("torch", "class_specific")]
+    claim = (f"**{peak[('auto', 'class_specific')] / torch:.2f}x** torchvision's "
+             f"({peak[('auto', 'transfer')] / torch:.2f}x with Mask^X's MLP fusion")
+    with open(README) as f:
+        assert claim in " ".join(f.read().split()), f"README should say: {claim}"
