@@ -165,7 +165,56 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _default_variant(r: dict) -> bool:
+    """A maskx_jax row at the library's defaults (slot buckets, all 128 mask slots, exact canvas)."""
+    return (r.get("exact_canvas") is not False and r.get("max_mask_rois", 128) == 128
+            and r.get("mask_slot_buckets", [8, 16, 32, 64]) == [8, 16, 32, 64])
+
+
+def _range(ratios: list[float]) -> str:
+    lo, hi = min(ratios), max(ratios)
+    return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x-{hi:.2f}x"
+
+
+def readme_rows(result: dict) -> list[str]:
+    """The README's speed rows (maskx_jax's speed-up over torchvision) from a full run's ``bench.json``:
+    the training step per size (class-specific, and Mask^X with MLP fusion against torchvision's one model),
+    inference at torchvision's score threshold (batch 1 and 2, every size: the range), RoIAlign (both outputs).
+
+    Raises KeyError when a needed row is missing or failed (a quick or partial run)."""
+    ok = [r for r in result["rows"] if "error" not in r]
+    speed = {case: [(j, t) for j, t in _pairs(ok, case) if t is not None and _default_variant(j)]
+             for case in ("train", "inference", "roi_align")}
+    sizes = sorted({(j["height"], j["width"]) for j, _ in speed["train"]}, reverse=True)
+
+    def train(size: tuple, mode: str) -> str:
+        pairs = [(j, t) for j, t in speed["train"] if (j["height"], j["width"]) == size
+                 and j.get("mask_mode", "class_specific") == mode]
+        if not pairs:
+            raise KeyError(f"no {mode} training row at {size}")
+        j, t = pairs[0]
+        return f"{t['run']['median_s'] / j['run']['median_s']:.2f}x"
+
+    names = " / ".join(f"{h}x{w}" for h, w in sizes)
+    specific = " / ".join(f"**{train(s, 'class_specific')}**" for s in sizes)
+    maskx = " / ".join(train(s, "transfer") for s in sizes)
+    inference = [t["run"]["median_s"] / j["run"]["median_s"] for j, t in speed["inference"]
+                 if j["score_thresh"] == 0.05]
+    roi = {m: [t[m]["median_s"] / j[m]["median_s"] for j, t in speed["roi_align"]]
+           for m in ("forward", "forward_backward")}
+    if not inference or not roi["forward"]:
+        raise KeyError("no inference or RoIAlign pair")
+    return [f"| training step, {names}, batch 2 | {specific} the images/s (Mask^X with MLP fusion: {maskx}) |",
+            "| inference, uint8 images to pasted masks, ~100 detections/image | "
+            f"**{_range(inference)}** the images/s |",
+            f"| FPN RoIAlign forward / forward+backward | **{_range(roi['forward'])}** / "
+            f"**{_range(roi['forward_backward'])}** |"]
+
+
 if __name__ == "__main__":
     path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/bench.json"
     with open(path) as f:
-        print(markdown(json.load(f)))
+        result = json.load(f)
+    print(markdown(result))
+    if "--readme" in sys.argv:
+        print("\n".join(readme_rows(result)))

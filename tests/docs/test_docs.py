@@ -117,3 +117,17 @@ def test_train_memory_figures_are_the_committed_measurement():
              f"({peak[('auto', 'transfer')] / torch:.2f}x with Mask^X's MLP fusion")
     with open(README) as f:
         assert claim in " ".join(f.read().split()), f"README should say: {claim}"
+
+
+def test_readme_speed_rows_are_the_committed_full_run():
+    """The README's speed-ups are ``benchmarks/report.readme_rows`` of the committed benchmarks/results/bench.json."""
+    import json
+
+    from benchmarks.report import readme_rows
+
+    with open(os.path.join(ROOT, "benchmarks", "results", "bench.json")) as f:
+        rows = readme_rows(json.load(f))
+    with open(README) as f:
+        text = f.read()
+    missing = [row for row in rows if row not in text]
+    assert not missing, f"README's performance table should read: {missing}"
