@@ -38,29 +38,29 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_enable_x64", False)
 
 # The longest test files, longest first (worker seconds from the junit of a full 2-worker fresh-clone run on a
-# quiet machine, session 14; the transfer experiment since cut to 10 toy runs, ~220 s).
+# quiet machine; see the comment on the tuple).
 # ``make test`` runs files in parallel (pytest-xdist, ``--dist loadfile``), and the scheduler hands out
 # files in collection order: starting the long ones first keeps one worker from ending alone on a long
 # file at the end (longest-processing-time-first). Files not listed keep their usual order, after these.
-LONG_FILES_FIRST: tuple[str, ...] = (
-    "test_transfer_experiment.py",  # 339 s: the transfer experiment at toy size (then 14 training runs)
-    "test_readme_commands.py",  # 277 s: every README command as a subprocess
-    "test_benchmarks.py",  # 171 s
-    "test_maskx.py",  # 145 s
-    "test_sharding.py",  # 139 s: 8-device workers
-    "test_overfit.py",  # 125 s
-    "test_crash_resume.py",  # 108 s
-    "test_detector_parity.py",  # 98 s
-    "test_stagewise.py",  # 93 s
-    "test_train_lib.py",  # 90 s
-    "test_canvas.py",  # 85 s
-    "test_mask_slots.py",  # 78 s
-    "test_predict.py",  # 64 s
-    "test_dtype.py",  # 62 s
-    "test_export_torch.py",  # 55 s
-    "test_many_hosts.py",  # 51 s
-    "test_nonfinite.py",  # 43 s
-    "test_rpn_sampled.py",  # 43 s
+LONG_FILES_FIRST: tuple[str, ...] = (  # worker seconds in session 15's fresh-clone run (both workers busy)
+    "test_readme_commands.py",  # 334 s: every README command as a subprocess
+    "test_transfer_experiment.py",  # 252 s: the transfer experiment at toy size (10 training runs)
+    "test_overfit.py",  # 175 s
+    "test_sharding.py",  # 154 s: 8-device workers
+    "test_maskx.py",  # 139 s
+    "test_benchmarks.py",  # 125 s
+    "test_crash_resume.py",  # 120 s
+    "test_many_hosts.py",  # 113 s
+    "test_mask_slots.py",  # 110 s
+    "test_detector_parity.py",  # 95 s
+    "test_stagewise.py",  # 94 s
+    "test_train_lib.py",  # 75 s
+    "test_canvas.py",  # 74 s
+    "test_predict.py",  # 71 s
+    "test_dtype.py",  # 64 s
+    "test_export_torch.py",  # 53 s
+    "test_rpn_sampled.py",  # 47 s
+    "test_nonfinite.py",  # 28 s
 )
 
 

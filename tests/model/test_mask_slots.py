@@ -1,5 +1,7 @@
 """The mask branch runs on the smallest slot bucket that holds every image's supervised positives:
 the loss and every gradient must equal the static all-slots branch, whichever bucket is taken."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,16 +48,20 @@ def _loss_and_grads(cfg, batch):
     return total, parts, grads
 
 
+@functools.lru_cache(maxsize=1)
+def _static_reference():
+    """(batch, loss and gradients of the static all-slots branch) on Mask^X + MLP fusion (the tiny default), shared
+    by the bucket and chunk tests. Only the first instance of each image has a mask: the supervised slots must
+    be found among unsupervised positives and moved to the front."""
+    batch = synthetic_batch(seed=1, has_mask=np.array([[True, False, False, False]] * 2))
+    return batch, _loss_and_grads(tiny_config(mask_slot_buckets=(), mask_chunk_slots=0), batch)
+
+
 def test_bucketed_mask_branch_equals_the_static_one():
     # 8 slots per image; buckets 1..7 so that the step takes a smaller branch whatever the count.
-    # Only the first instance of each image has a mask: the supervised slots must be found among
-    # unsupervised positives and moved to the front.
-    batch = synthetic_batch(seed=1, has_mask=np.array([[True, False, False, False]] * 2))
-    t0, p0, g0 = _loss_and_grads(tiny_config(mask_mode="class_specific", mlp_fusion=False, mask_slot_buckets=()),
-                                 batch)
-    t1, p1, g1 = _loss_and_grads(tiny_config(mask_mode="class_specific", mlp_fusion=False,
-                                             mask_slot_buckets=(1, 2, 3, 4, 5, 6, 7)), batch)
-    _assert_same_loss_and_grads((t0, p0, g0), (t1, p1, g1))
+    batch, reference = _static_reference()
+    _assert_same_loss_and_grads(reference, _loss_and_grads(tiny_config(mask_slot_buckets=(1, 2, 3, 4, 5, 6, 7),
+                                                                        mask_chunk_slots=0), batch))
 
 
 def _assert_same_loss_and_grads(reference, other):
@@ -86,8 +92,7 @@ def test_chunked_mask_branch_equals_all_slots_at_once(monkeypatch):
         return chunked_sum(fn, slots, chunk)
 
     monkeypatch.setattr(detector, "chunked_sum", counting)
-    batch = synthetic_batch(seed=1)
-    reference = _loss_and_grads(tiny_config(mask_slot_buckets=(), mask_chunk_slots=0), batch)
+    batch, reference = _static_reference()
     # Slot sizes (4, 8): whichever the step takes runs in chunks of 3, the last one padded.
     chunked = _loss_and_grads(tiny_config(mask_slot_buckets=(4,), mask_chunk_slots=3), batch)
     assert chunk_calls == [(4, 3), (8, 3)]  # each branch traced once, both chunked
