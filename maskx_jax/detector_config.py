@@ -55,8 +55,8 @@ class DetectorConfig:
     # MaskRCNN._detection_masks. () = always run all max_mask_rois_per_image / detections_per_img slots.
     mask_slot_buckets: tuple[int, ...] = (8, 16, 32, 64)
     # Training: a mask branch of more slots than this runs its mask head this many slots per image at a time
-    # (lax.map, each chunk rematerialised), so that one chunk's activations are alive instead of every slot's:
-    # the step's peak memory with the same loss (up to float summation order). 0 = all slots at once.
+    # (lax.map, each chunk rematerialised), so that one chunk's activations are alive instead of every slot's;
+    # the loss is the same up to float summation order. 0 = all slots at once.
     mask_chunk_slots: int = 32
     box_score_thresh: float = 0.05  # inference: drop detections scoring <= this
     box_nms_thresh: float = 0.5  # inference: per-class NMS IoU
