@@ -12,7 +12,7 @@ records the process's peak RSS (``ru_maxrss``) at three moments: with the model 
 ``compiled.memory_analysis()`` of the step: temporaries (activations kept for the backward pass, gradients,
 workspace), arguments (parameters, optimiser state, batch) and outputs (the new state, donated into the
 arguments' buffers: ``alias``). The case ``torch:class_specific`` is torchvision's same step (its peak RSS after
-compiling nothing and running three steps), for the ratio in the same run. Writes
+the benchmark's warm-up and timed steps), for the ratio in the same run. Writes
 ``benchmarks/results/train_memory.json`` and ``.md``. The processes run with glibc's huge-page tunable, as
 ``make bench``'s.
 """
@@ -35,7 +35,7 @@ def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: boo
     """One case, in this process (``--worker``)."""
     from benchmarks import cases
 
-    if conv_impl == "torch":  # torchvision's step (R-50 at this size): its peak after three steps; no JAX here
+    if conv_impl == "torch":  # torchvision's step (R-50 at this size): its peak after the timed steps; no JAX here
         row = cases.train("torch", size, size, batch=2, repeats=2)
         return {"conv_impl": "torch", "mask_mode": mask_mode, "size": size, "depth": 50, "toy": False, "batch": 2,
                 "all_slots": False, "rss_after_steps_mib": row["peak_rss_mib"]}
@@ -102,7 +102,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated conv_impl:mask_mode")
+    p.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated conv_impl:mask_mode[:all] (conv_impl "
+                   "'torch' = torchvision's step)")
     p.add_argument("--size", type=int, default=512, help="square image side (multiple of 32)")
     p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet depth")
     p.add_argument("--toy", action="store_true", help="narrow FPN and heads (a test of this script, not a measurement)")
@@ -116,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for case in args.cases.split(","):
-        conv_impl, mask_mode = case.split(":")[:2]
-        print(f"{conv_impl}, {mask_mode} ...", end=" ", flush=True)
+        conv_impl, mask_mode, *slots = case.split(":")
+        print(f"{case} ...", end=" ", flush=True)
         worker_args = ["--worker", case, "--size", str(args.size), "--depth", str(args.depth)] + ["--toy"] * args.toy
         row = run_case(os.path.abspath(__file__), worker_args, env=with_hugepages(dict(os.environ)))
         if "error" in row:
-            rows.append({"conv_impl": conv_impl, "mask_mode": mask_mode, **row})
+            rows.append({"conv_impl": conv_impl, "mask_mode": mask_mode, "all_slots": slots == ["all"], **row})
             print("error", flush=True)
             continue
         rows.append(row)

@@ -122,22 +122,18 @@ def mask_targets(rois: Array, gt_boxes: Array, gt_crops: Array, gt_index: Array,
     return out[..., 0]
 
 
-def mask_loss(logits: Array, targets: Array, weight: Array) -> Array:
-    """Mean per-pixel sigmoid BCE over the RoIs with ``weight`` True.
-
-    logits, targets: [R, M, M]; weight: [R] bool (positive RoI whose gt instance has a mask).
-    Divides by max(#RoIs, 1) * M * M, so an image batch with no set-A RoI gives 0, not NaN.
-    """
-    return mask_loss_sum(logits, targets, weight) / mask_loss_denominator(weight, logits.shape[1])
-
-
 def mask_loss_sum(logits: Array, targets: Array, weight: Array) -> Array:
-    """The numerator of :func:`mask_loss`: summed per-pixel BCE of the RoIs with ``weight`` True (shapes as
-    there). Sums of disjoint RoI chunks add up to the whole batch's."""
+    """Summed per-pixel sigmoid BCE over the RoIs with ``weight`` True.
+
+    logits, targets: [R, M, M]; weight: [R] bool (positive RoI whose gt instance has a mask). The mask loss is
+    this sum over all supervised RoIs / :func:`mask_loss_denominator`; sums over disjoint RoI chunks add up to
+    the whole batch's (``MaskRCNN._mask_loss`` runs the mask head in chunks).
+    """
     per_pixel = optax.sigmoid_binary_cross_entropy(logits, targets)
     return jnp.sum(per_pixel * weight.astype(per_pixel.dtype)[:, None, None])
 
 
 def mask_loss_denominator(weight: Array, resolution: int) -> Array:
-    """The denominator of :func:`mask_loss`: max(#RoIs with ``weight`` True, 1) * resolution^2."""
+    """max(#RoIs with ``weight`` True, 1) * resolution^2: the mean BCE per supervised pixel, and 0 (not NaN) for
+    a batch with no set-A RoI. weight: [R] bool -> float32 scalar."""
     return (jnp.maximum(weight.sum(), 1) * resolution * resolution).astype(jnp.float32)
