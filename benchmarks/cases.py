@@ -272,6 +272,7 @@ def train(framework: str, height: int, width: int, batch: int = 2, instances: in
         config.model.exact_canvas = exact_canvas
         trainer = Trainer(config, COCO_CLASSES)
         state = trainer.init_state()
+        trainer.release_init()  # as the training loop
         data = trainer.global_batch(_our_batch(images, targets, config))
         t0 = _time_now()
         step = trainer.train_step.compile(state, data)  # as the training loop: compile, then release

@@ -62,6 +62,7 @@ def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: boo
     targets = cases.train_targets(2, size, size, 8, seed=4)
     trainer = Trainer(config, cases.COCO_CLASSES)
     state = trainer.init_state()
+    trainer.release_init()  # as the training loop
     data = trainer.global_batch(cases._our_batch(images, targets, config))
     row = {"conv_impl": conv_impl, "mask_mode": mask_mode, "size": size, "depth": depth, "toy": toy, "batch": 2,
            "all_slots": all_slots, "mask_chunk_slots": int(config.model.mask_chunk_slots),

@@ -96,7 +96,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
 
     if info is None and (train_iter_fn is None or (trainer is None and num_classes is None)):
         info = load_datasets(config)
-    if trainer is None:
+    own_trainer = trainer is None  # a trainer passed in is the caller's to reuse: its compiled init is kept
+    if own_trainer:
         if num_classes is None:
             num_classes = int(info.num_classes)
         trainer = Trainer(config, num_classes, model_fn=model_fn)
@@ -109,6 +110,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
         logging.info("resumed from %s at step %d", os.path.join(workdir, CHECKPOINT_DIR, str(latest)), latest)
     else:
         state = trainer.init_state()
+        if own_trainer:  # the init program is not needed again (~0.1 GiB of host memory for R-50-FPN)
+            trainer.release_init()
         if t.init_checkpoint:
             state, report = trainer.load_init_checkpoint(state, t.init_checkpoint)
             log_init_report(workdir, report)

@@ -286,8 +286,9 @@ def test_real_model_init_checkpoint(tmp_path):
 
 def test_train_step_compiles_once(tmp_path, monkeypatch):
     """Many steps with new data and a new state each time: one trace and one executable. The loop compiles the
-    step ahead of its first call (to release the compiler's host memory before the step runs): the calls then
-    trace, lower and compile nothing."""
+    step ahead of its first call (to release the compiler's host memory before the step runs) and drops the init
+    program once the state exists: the calls then trace, lower and compile nothing, and neither function leaves
+    a program in JAX's caches (the step keeps its own)."""
     events = []
     listen = lambda name, *_, **__: events.append(name)
     jax.monitoring.register_event_duration_secs_listener(listen)
@@ -295,16 +296,20 @@ def test_train_step_compiles_once(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_lib, "release_host_memory", lambda: released.append(1) or (2.0, 1.0))
     trainer = train_lib.Trainer(F.stand_in_config(), F.NUM_CLASSES, model_fn=F.tiny_model_fn)
     state = trainer.init_state()
+    assert trainer._init._cache_size() == 1
+    trainer.release_init()
+    assert trainer._init._cache_size() == 0 and released == [1]
     first = trainer.global_batch(F.synthetic_batch(0, 0, F.stand_in_config().train.batch_size))
     compiled = trainer.train_step.compile(state, first)
-    assert compiled.memory_analysis() is not None and released == [1]
+    assert compiled.memory_analysis() is not None and released == [1, 1]
     events.clear()
     for step in range(4):
         batch = trainer.global_batch(F.synthetic_batch(0, step, F.stand_in_config().train.batch_size))
         state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics["total"])
     assert int(state.step) == 4
-    assert trainer.train_step.jitted._cache_size() == 1
+    assert trainer.train_step.jitted._cache_size() == 0  # the calls ran the kept program, not jax.jit's
+    assert trainer.train_step.compile(state, batch) is compiled  # same signature: no second compile
     jax.monitoring.unregister_event_duration_listener(listen)
     assert not [e for e in events if e.startswith("/jax/core/compile/")], events
 

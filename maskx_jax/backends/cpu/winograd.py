@@ -102,16 +102,18 @@ def _combine(terms: list[tuple[float, Array]]) -> Array:
 def _input_transform(xp: Array, th: int, tw: int) -> Array:
     """B^T d B for every 6x6 tile d (stride 4) of xp [N, 4th+2, 4tw+2, C] -> V [36, N*th*tw, C].
 
-    Separable: the rows of every tile first (strided row slices combined), then the columns.
+    Separable: the rows of every tile first (strided row slices combined, stacked into one array), then the
+    columns of that array. Stacking each pass keeps the program small: combining the column slices of six
+    separate row results inlines every row combination into every column term (XLA fuses by duplicating
+    producers), ~4x the instructions in every fusion that reads a transform, which the compiled step keeps
+    in host memory (see docs/performance.md); the arithmetic, and so the result, is the same bit for bit.
     """
     n, c = xp.shape[0], xp.shape[-1]
     rows = [xp[:, a: a + OUT * (th - 1) + 1: OUT] for a in range(TILE)]  # row a of every tile row
-    row_t = [_combine([(_BT[i, a], rows[a]) for a in range(TILE)]) for i in range(TILE)]
-    out = []
-    for i in range(TILE):
-        cols = [row_t[i][:, :, b: b + OUT * (tw - 1) + 1: OUT] for b in range(TILE)]
-        out += [_combine([(_BT[j, b], cols[b]) for b in range(TILE)]) for j in range(TILE)]
-    return jnp.stack(out).reshape(TILE * TILE, n * th * tw, c)
+    row_t = jnp.stack([_combine([(_BT[i, a], rows[a]) for a in range(TILE)]) for i in range(TILE)])
+    cols = [row_t[:, :, :, b: b + OUT * (tw - 1) + 1: OUT] for b in range(TILE)]  # [6 (i), N, th, tw, C]
+    out = jnp.stack([_combine([(_BT[j, b], cols[b]) for b in range(TILE)]) for j in range(TILE)], axis=1)
+    return out.reshape(TILE * TILE, n * th * tw, c)  # tile position i * 6 + j
 
 
 def _kernel_transform(kernel: Array) -> Array:
