@@ -57,7 +57,7 @@ class DetectorConfig:
     # Training: a mask branch of more slots than this runs its mask head this many slots per image at a time
     # (lax.map, each chunk rematerialised), so that one chunk's activations are alive instead of every slot's;
     # the loss is the same up to float summation order. 0 = all slots at once.
-    mask_chunk_slots: int = 32
+    mask_chunk_slots: int = 16
     box_score_thresh: float = 0.05  # inference: drop detections scoring <= this
     box_nms_thresh: float = 0.5  # inference: per-class NMS IoU
     detections_per_img: int = 100  # inference: detections kept per image

@@ -110,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, trainer: Trainer |
         logging.info("resumed from %s at step %d", os.path.join(workdir, CHECKPOINT_DIR, str(latest)), latest)
     else:
         state = trainer.init_state()
-        if own_trainer:  # the init program is not needed again (~0.1 GiB of host memory for R-50-FPN)
+        if own_trainer:  # the init program is not needed again: its host memory goes back
             trainer.release_init()
         if t.init_checkpoint:
             state, report = trainer.load_init_checkpoint(state, t.init_checkpoint)

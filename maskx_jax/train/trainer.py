@@ -69,7 +69,7 @@ class _SeededStep:
         """Compile the step for these (abstract or concrete) arguments ahead of its first call and keep the
         program (a later ``compile`` with the same signature returns it), then free what the compile leaves
         in host memory so that the step's buffers do not sit on top of it: JAX's own caches of this function
-        (its trace and lowering, ~40-130 MiB for the R-50 step; the kept program does not need them) and the
+        (its trace and lowering; the kept program does not need them) and the
         compiler's freed pages (``host_memory.release_host_memory``). See docs/performance.md.
 
         Returns the ``jax.stages.Compiled`` step (its ``memory_analysis()`` / ``cost_analysis()``), called as
@@ -190,8 +190,8 @@ class Trainer:
         return self._init(self._seed)
 
     def release_init(self) -> None:
-        """Drop the compiled init program and JAX's trace of it, and hand the freed host memory back (~0.1 GiB
-        for R-50-FPN): the training loop does this once the state exists, when the trainer is its own. A
+        """Drop the compiled init program and JAX's trace of it, and hand the freed host memory back
+        (docs/performance.md): the training loop does this once the state exists, when the trainer is its own. A
         later :meth:`init_state` compiles the init again."""
         self._init.clear_cache()
         release_host_memory()
