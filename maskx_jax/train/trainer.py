@@ -39,9 +39,10 @@ def _default_model_fn(config: ml_collections.ConfigDict, num_classes: int, seed:
 
 
 def _signature(*trees: Any) -> tuple:
-    """What a compiled program is specific to: the tree structure and each leaf's shape, dtype and sharding."""
+    """What a compiled program is specific to: the tree structure and each leaf's abstract value (shape, dtype,
+    weak type) and sharding."""
     leaves, treedef = jax.tree.flatten(trees)
-    return treedef, tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None)) for x in leaves)
+    return treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
 
 
 class _SeededStep:
