@@ -89,13 +89,15 @@ def run_case(spec: dict, timeout_s: float) -> dict:
 
 def _kept_rows(json_path: str, only: set[str]) -> list[dict]:
     """Rows of the cases an ``--only`` run does not measure, from the existing results (each keeps the
-    date it was measured), so that re-measuring one case does not drop the others' tables."""
+    date and the processor it was measured on: a ratio read beside another machine's must say so), so that
+    re-measuring one case does not drop the others' tables."""
     if not os.path.isfile(json_path):
         return []
     with open(json_path) as f:
         previous = json.load(f)
-    date = previous.get("environment", {}).get("date") or "an earlier run"
-    return [{"measured": date, **r} for r in previous.get("rows", []) if r.get("case") not in only]
+    env = previous.get("environment", {})
+    measured = ", ".join(filter(None, (env.get("date") or "an earlier run", env.get("processor"))))
+    return [{"measured": measured, **r} for r in previous.get("rows", []) if r.get("case") not in only]
 
 
 def _describe(spec: dict) -> str:
