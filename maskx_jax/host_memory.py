@@ -1,10 +1,9 @@
 """Give the host memory a finished XLA compile leaves behind back to the operating system.
 
-Compiling a training step allocates ~1 GiB of host memory (R-50, 512x512) that the compiler frees when it is
-done; glibc keeps those freed pages in its arenas, so they stay resident. The step's own buffers (XLA's
-temporaries, ~1.5 GiB) are large allocations that glibc maps afresh rather than reusing the arenas' free
-pages, so without a release the step's peak sits on top of the compiler's leftovers
-(docs/performance.md, "Where the training step's peak memory goes": 4013 -> 2884 MiB peak RSS).
+Compiling a training step allocates host memory that the compiler frees when it is done; glibc keeps those freed
+pages in its arenas, so they stay resident. The step's own buffers (XLA's temporaries) are large allocations that
+glibc maps afresh rather than reusing the arenas' free pages, so without a release the step's peak sits on top of
+the compiler's leftovers (figures: docs/performance.md, "Where the training step's peak memory goes").
 ``malloc_trim(0)`` hands every free page of every arena back (after a garbage collection, so that objects JAX
 dropped but that sit in reference cycles are freed first). Elsewhere (no glibc, no /proc) this is a no-op.
 """

@@ -70,8 +70,8 @@ class _SeededStep:
         """Compile the step for these (abstract or concrete) arguments ahead of its first call and keep the
         program (a later ``compile`` with the same signature returns it), then free what the compile leaves
         in host memory so that the step's buffers do not sit on top of it: JAX's own caches of this function
-        (its trace and lowering; the kept program does not need them) and the
-        compiler's freed pages (``host_memory.release_host_memory``). See docs/performance.md.
+        (its trace and lowering; the kept program does not need them) and the compiler's freed pages
+        (``host_memory.release_host_memory``). See docs/performance.md.
 
         Returns the ``jax.stages.Compiled`` step (its ``memory_analysis()`` / ``cost_analysis()``), called as
         ``compiled(state, batch, self.seed)``."""
