@@ -252,14 +252,18 @@ def _our_batch(images, targets, config):
 
 def train(framework: str, height: int, width: int, batch: int = 2, instances: int = 8, repeats: int = 3,
           mask_mode: str = "class_specific", max_mask_rois: int = 128,
-          mask_slot_buckets: tuple = (8, 16, 32, 64), exact_canvas: bool = True) -> dict:
+          mask_slot_buckets: tuple = (8, 16, 32, 64), exact_canvas: bool = True,
+          mask_chunk_slots: int | None = None) -> dict:
     """``max_mask_rois``: maskx_jax's mask-loss RoI slots per image (torchvision's cap is 128 = 25% of 512);
-    ``mask_slot_buckets``: the smaller slot counts the step may pick (() = always all of them);
+    ``mask_chunk_slots``: maskx_jax's ``model.mask_chunk_slots`` (None = the default; 0 = no chunks: then
+    ``mask_slot_buckets``, the smaller slot counts the step may pick, () = always all of them);
     ``exact_canvas``: maskx_jax's ``model.exact_canvas``."""
     images = smooth_images(batch, height, width, seed=3)
     targets = train_targets(batch, height, width, instances, seed=4)
     row = {"height": height, "width": width, "batch": batch, "instances": instances, "mask_mode": mask_mode,
            "max_mask_rois": max_mask_rois, "mask_slot_buckets": list(mask_slot_buckets)}
+    if mask_chunk_slots is not None:
+        row["mask_chunk_slots"] = mask_chunk_slots
     if framework == "jax":
         import jax
 
@@ -269,6 +273,9 @@ def train(framework: str, height: int, width: int, batch: int = 2, instances: in
         config = _our_train_config(height, width, batch, mask_mode)
         config.model.max_mask_rois_per_image = max_mask_rois
         config.model.mask_slot_buckets = tuple(mask_slot_buckets)
+        if mask_chunk_slots is not None:
+            config.model.mask_chunk_slots = mask_chunk_slots
+        row["mask_chunk_slots"] = int(config.model.mask_chunk_slots)
         config.model.exact_canvas = exact_canvas
         trainer = Trainer(config, COCO_CLASSES)
         state = trainer.init_state()

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--classes", type=int, default=81, help="num_classes incl. background (COCO: 81)")
     p.add_argument("--mask-slot-buckets", default=None, type=_buckets,
-                   help="comma-separated model.mask_slot_buckets ('' = the static mask branch only, one "
-                        "compiled branch instead of a switch; default: the config's)")
+                   help="comma-separated model.mask_slot_buckets (training uses them only with "
+                        "model.mask_chunk_slots=0; '' = none; default: the config's)")
     p.add_argument("--shard-params", default="none",
                    help="comma-separated train.shard_params settings to compare ('none' = all replicated)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         gib = 1.0 / 2**30
         row = {"depth": depth, "dtype": dtype, "devices": args.devices, "global_batch": b,
                "per_device_batch": args.per_device_batch, "image": hw,
-               "mask_slot_buckets": list(c.model.mask_slot_buckets), "shard_params": shard,
+               "mask_slot_buckets": list(c.model.mask_slot_buckets),
+               "mask_chunk_slots": int(c.model.mask_chunk_slots), "shard_params": shard,
                "compile_s": time.perf_counter() - t0,
                "argument_gib": mem.argument_size_in_bytes * gib, "output_gib": mem.output_size_in_bytes * gib,
                "alias_gib": mem.alias_size_in_bytes * gib, "temp_gib": mem.temp_size_in_bytes * gib}

@@ -44,9 +44,11 @@ def _ratio(torch_s: float | None, jax_s: float | None) -> str:
 
 
 def _switched(r: dict) -> bool:
-    """A train row whose mask branch is a lax.switch over slot buckets: XLA's cost analysis adds up
-    every branch, so its FLOPs overstate the work of a step."""
-    return any(b < r.get("max_mask_rois", 128) for b in r.get("mask_slot_buckets", []))
+    """A train row whose mask-branch work XLA's cost analysis cannot count: a lax.switch over slot buckets
+    (it adds up every branch) or the chunk loop (``mask_chunk_slots`` > 0: a trip count decided inside the step,
+    the loop body counted once). Rows from before the chunk loop have no ``mask_chunk_slots``."""
+    return r.get("mask_chunk_slots", 0) > 0 or any(
+        b < r.get("max_mask_rois", 128) for b in r.get("mask_slot_buckets", []))
 
 
 def _util(r: dict, peak: float | None, per: float) -> str:
@@ -62,13 +64,19 @@ def _gflop(j: dict, t: dict | None) -> str:
     return f"{ours} / {theirs}"
 
 
-def _ladder(rows: list[dict]) -> str:
-    """The slot counts the (default) bucketed train rows could pick, e.g. '8/16/32/64/128'."""
+def _mask_work(rows: list[dict]) -> str:
+    """How the (default) train rows' mask head picks its slots, e.g. 'on chunks of 8 slots per image, as many as
+    hold every image's supervised positives' or, before the chunk loop, 'on the smallest of 8/16/32/64/128 slots
+    per image that holds every image's supervised positives'."""
     for r in rows:
         if r.get("case") == "train" and r.get("framework") == "jax" and _switched(r):
+            if r.get("mask_chunk_slots", 0) > 0:
+                return (f"on chunks of {r['mask_chunk_slots']} slots per image, as many as hold every image's "
+                        "supervised positives")
             m = r.get("max_mask_rois", 128)
-            return "/".join(str(b) for b in sorted({int(b) for b in r["mask_slot_buckets"] if b < m} | {m}))
-    return "128"
+            ladder = "/".join(str(b) for b in sorted({int(b) for b in r["mask_slot_buckets"] if b < m} | {m}))
+            return f"on the smallest of {ladder} slots per image that holds every image's supervised positives"
+    return "on all 128 slots"
 
 
 def markdown(result: dict) -> str:
@@ -137,12 +145,11 @@ def markdown(result: dict) -> str:
                    f"{_gflop(j, t)} | {_util(j, peak, j['batch'])} |")
 
     out += ["", "**Training step** (Mask R-CNN R50-FPN, frozen BN, stem + layer1 frozen, SGD, batch 2, "
-            f"8 instances/image, 512 RoIs/image; maskx_jax runs the mask head on the smallest of {_ladder(rows)} "
-            "slots per image that holds "
-            "every image's supervised positives (exact; picked inside the step), torchvision on its positives; "
+            f"8 instances/image, 512 RoIs/image; maskx_jax runs the mask head {_mask_work(rows)} "
+            "(exact; decided inside the step), torchvision on its positives; "
             "'all 128 slots' = the static mask branch; 'transfer' = Mask^X with tau + MLP fusion. XLA's cost "
-            "analysis adds up every branch of the slot switch, so GFLOP and utilisation are given for the static "
-            "rows only):", "",
+            "analysis counts a loop's body once and adds up every branch of a switch, so GFLOP and utilisation "
+            "are given for the static rows only):", "",
             "| image | mask head | images/s (jax / torch) | speed-up | jax compile s | peak RSS MiB (jax / torch) | "
             "GFLOP/image (jax XLA / torch counter) | torch mask RoIs/image | jax utilisation |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -150,7 +157,8 @@ def markdown(result: dict) -> str:
         size = f"{j['height']}x{j['width']}"
         mode = j.get("mask_mode", "class_specific") + (
             f", {j['max_mask_rois']} mask slots" if j.get("max_mask_rois", 128) != 128 else "") + (
-            f", all {j.get('max_mask_rois', 128)} slots" if j.get("mask_slot_buckets") == [] else "") + (
+            f", all {j.get('max_mask_rois', 128)} slots"
+            if j.get("mask_slot_buckets") == [] and not j.get("mask_chunk_slots") else "") + (
             ", exact_canvas off" if j.get("exact_canvas") is False else "")
         if _err(j) or (t is not None and _err(t)):
             out.append(f"| {size} | {mode} | {_err(j) or _err(t)} | | | | | | |")

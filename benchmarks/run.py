@@ -60,9 +60,9 @@ def plan(quick: bool, only: set[str] | None, smoke: bool = False) -> list[dict]:
                   for fw in ("jax", "torch")]
         specs.append({"case": "train", "framework": "jax", "height": h, "width": w, "batch": 2, "repeats": reps,
                       "mask_mode": "transfer"})
-        # What the mask-slot buckets buy: the same step with the mask head always on all 128 slots.
+        # What running the supervised slots only buys: the same step with the mask head always on all 128 slots.
         specs.append({"case": "train", "framework": "jax", "height": h, "width": w, "batch": 2, "repeats": reps,
-                      "mask_slot_buckets": []})
+                      "mask_slot_buckets": [], "mask_chunk_slots": 0})
         specs.append({"case": "train", "framework": "jax", "height": h, "width": w, "batch": 2, "repeats": reps,
                       "exact_canvas": False})
     return [s for s in specs if only is None or s["case"] in only]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maskx_jax import anchors as anchors_lib
+from maskx_jax.active_chunks import active_chunk_sum, chunks_needed
 from maskx_jax.box_head import (FastRCNNPredictor, RoISamples, TwoMLPHead, box_losses, detect_boxes,
                                  sample_rois)
 from maskx_jax.canvas import Canvas
@@ -83,13 +84,14 @@ class MaskRCNN(nnx.Module):
             raise ValueError("a box-only detector (mask_mode='none') has no mask weights")
         return rh.mask_predictor.class_weights()
 
-    def mask_logits(self, features: Array, labels: Array) -> Array:
+    def mask_logits(self, features: Array, labels: Array, heads: RoIHeads | None = None) -> Array:
         """Logits of each RoI's own class. features [R, 28, 28, C], labels [R] in 0..K -> [R, 28, 28].
 
         In transfer mode tau runs only on the R gathered class embeddings, so the cost does not
-        grow with the vocabulary K (the paper's ~3000-class use).
+        grow with the vocabulary K (the paper's ~3000-class use). ``heads``: the RoI heads to read the
+        weights from (default ``self.roi_heads``; the chunked mask loss passes a merged copy).
         """
-        rh = self.roi_heads
+        rh = self.roi_heads if heads is None else heads
         if rh.weight_transfer is not None:
             bp = rh.box_predictor
             wt = rh.weight_transfer
@@ -135,11 +137,13 @@ class MaskRCNN(nnx.Module):
         class_logits, box_deltas = self.roi_heads.box_predictor(self.roi_heads.box_head(box_feats))
         return class_logits.astype(jnp.float32), box_deltas.astype(jnp.float32)
 
-    def _mask_features(self, pooled: list[Array], boxes: Array, canvas: Canvas | None = None) -> Array:
-        """boxes [N, R, 4] -> conv5 mask features [N*R, 28, 28, C]."""
-        feats = self._roi_align(pooled, boxes, self.cfg.mask_roi_size, canvas)
+    def _mask_features(self, pooled: Sequence[Array], boxes: Array, canvas: Canvas | None = None,
+                       heads: RoIHeads | None = None) -> Array:
+        """boxes [N, R, 4] -> conv5 mask features [N*R, 28, 28, C] (``heads`` as in :meth:`mask_logits`)."""
+        rh = self.roi_heads if heads is None else heads
+        feats = self._roi_align(list(pooled), boxes, self.cfg.mask_roi_size, canvas)
         feats = feats.reshape(-1, *feats.shape[2:])
-        return self.roi_heads.mask_predictor.features(self.roi_heads.mask_head(feats))
+        return rh.mask_predictor.features(rh.mask_head(feats))
 
     # ----------------------------------------------------------------------------- inference
     def predict(self, images: Array, image_sizes: Array) -> Detections:
@@ -263,15 +267,18 @@ class MaskRCNN(nnx.Module):
                    canvas: Canvas | None = None) -> Array:
         """Mask loss of the positive RoIs whose matched gt has a mask, on the gt class's channel.
 
-        The sampler puts the positives in the first M = ``max_mask_rois_per_image`` slots. Within
-        those, the supervised ones are moved to the front (stable), and the mask branch runs on the
-        first k slots, k the smallest of ``mask_slot_buckets`` (+ M) that holds every image's
-        supervised positives: chosen inside the step by ``lax.switch`` over one static-shape branch
-        per bucket. The loss equals the all-M-slots loss (the dropped slots have weight 0) while the
-        mask head, the costliest part of the step when positives are few, runs on k slots. Under
-        data parallelism the count is a max over the global batch (one all-reduce). A branch of more than
-        ``mask_chunk_slots`` slots runs them that many at a time (:func:`chunked_sum`), which bounds the
-        step's memory by one chunk's activations; the loss is the same sum over the slots.
+        The sampler puts the positives in the first M = ``max_mask_rois_per_image`` slots. Within those, the
+        supervised ones are moved to the front (stable), so that the mask head, the costliest part of the step
+        when positives are few, runs on the first slots only; the loss equals the all-M-slots loss (the other
+        slots have weight 0) up to float summation order.
+
+        * ``mask_chunk_slots`` c > 0 (default): the mask head runs c slots of every image at a time, for
+          ``ceil(k / c)`` chunks, k the largest count of supervised positives of an image (a max over the global
+          batch under data parallelism), in a loop whose backward pass recomputes each chunk
+          (:func:`maskx_jax.active_chunks.active_chunk_sum`): one compiled copy of the mask head, one chunk's
+          activations alive at a time, no work on the chunks without supervised slots.
+        * c = 0: all M slots at once, or the smallest of ``mask_slot_buckets`` (+ M) that holds k, chosen by
+          ``lax.switch`` over one static-shape branch per bucket (each branch its own copy of the mask head).
         """
         cfg = self.cfg
         m = min(cfg.max_mask_rois_per_image, samples.rois.shape[1])
@@ -287,29 +294,44 @@ class MaskRCNN(nnx.Module):
         matched_boxes = jnp.take_along_axis(batch.gt_boxes, matched[..., None], axis=1)
         flat_gt = (matched + jnp.arange(n, dtype=jnp.int32)[:, None] * g)
         crops = batch.gt_masks.reshape(n * g, *batch.gt_masks.shape[2:])
+        slots = (rois, labels, matched_boxes, flat_gt, supervise)
 
-        def chunk_loss_sum(slots: tuple[Array, ...]) -> Array:
+        def chunk_loss_sum(slots: tuple[Array, ...], pooled: Sequence[Array], canvas: Canvas | None,
+                           crops: Array, heads: RoIHeads | None = None) -> Array:
             """Summed mask BCE of some slots of every image: rois [N, c, 4], the rest [N, c]."""
             c_rois, c_labels, c_boxes, c_gt, c_supervise = slots
-            logits = self.mask_logits(self._mask_features(pooled, jax.lax.stop_gradient(c_rois), canvas),
-                                      c_labels.reshape(-1))
+            feats = self._mask_features(pooled, jax.lax.stop_gradient(c_rois), canvas, heads)
+            logits = self.mask_logits(feats, c_labels.reshape(-1), heads)
             targets = mask_targets(c_rois.reshape(-1, 4), c_boxes.reshape(-1, 4), crops, c_gt.reshape(-1),
                                    resolution=logits.shape[-1])
             if cfg.binarize_mask_targets:  # Detectron: a pixel is in the mask iff >= half of it is
                 targets = (targets >= 0.5).astype(targets.dtype)
             return mask_loss_sum(logits, jax.lax.stop_gradient(targets), c_supervise.reshape(-1))
 
-        slots = (rois, labels, matched_boxes, flat_gt, supervise)
         chunk = int(cfg.mask_chunk_slots)
-        chunked = lambda k: 0 < chunk < k
+        if chunk > 0:
+            # active_chunk_sum's function must be pure: the heads' parameters and the features go in as
+            # arguments (differentiated), the rest of the heads (the box head: unused), the canvas and the gt
+            # crops as data. Every parameter of the mask branch (tau, the MLP fusion, the box predictor's
+            # weights when tau's input is not detached) gets its gradient; the others, none.
+            graphdef, params, rest = nnx.split(
+                self.roi_heads, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("box_head"))), ...)
+
+            def fn(diff, data, piece: tuple[Array, ...]) -> Array:
+                (params, pooled), (rest, extent, crops) = diff, data
+                heads = nnx.merge(graphdef, params, rest)
+                return chunk_loss_sum(piece, pooled, None if extent is None else Canvas(extent), crops, heads)
+
+            total = active_chunk_sum(fn, min(chunk, m), (params, tuple(pooled)),
+                                     (rest, None if canvas is None else canvas.extent, crops),
+                                     slots, chunks_needed(supervise, min(chunk, m)))
+            return total / mask_loss_denominator(supervise.reshape(-1), 2 * cfg.mask_roi_size)
 
         def branch(k: int) -> Callable[[], Array]:
             def loss() -> Array:
                 first = tuple(x[:, :k] for x in slots)
                 denom = mask_loss_denominator(supervise[:, :k].reshape(-1), 2 * cfg.mask_roi_size)
-                if not chunked(k):
-                    return chunk_loss_sum(first) / denom
-                return chunked_sum(jax.checkpoint(chunk_loss_sum), first, chunk) / denom
+                return chunk_loss_sum(first, pooled, canvas, crops) / denom
             return loss
 
         sizes = mask_slot_sizes(m, cfg.mask_slot_buckets)
@@ -318,25 +340,8 @@ class MaskRCNN(nnx.Module):
         # Rematerialised branches: lax.switch keeps every branch's backward residuals (zero-filled for
         # the branches not taken), ~0.3 GiB of memset per step at 128 slots; with jax.checkpoint the
         # residuals are the branch inputs, which exist anyway, and the taken branch's forward is
-        # recomputed in the backward pass. A chunked branch checkpoints each chunk instead (its residuals
-        # are the chunks' inputs; an outer checkpoint would run the mask head's forward a third time).
-        remat = lambda k: branch(k) if chunked(k) else jax.checkpoint(branch(k))
-        return jax.lax.switch(mask_slot_index(supervise, sizes), [remat(k) for k in sizes])
-
-
-def chunked_sum(fn: Callable[[tuple[Array, ...]], Array], slots: tuple[Array, ...], chunk: int) -> Array:
-    """``sum_j fn(slots[:, j*chunk:(j+1)*chunk])``, one chunk after the other (``lax.map``) so that only one
-    chunk's intermediates are alive at a time. Every array of ``slots`` is [N, k, ...]; the last chunk is
-    padded with zeros (``fn`` must give 0 for all-zero slots, e.g. through a False weight)."""
-    k = slots[0].shape[1]
-    n_chunks = -(-k // chunk)
-    pad = n_chunks * chunk - k
-
-    def split(x: Array) -> Array:  # [N, k, ...] -> [n_chunks, N, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:]), 1, 0)
-
-    return jnp.sum(jax.lax.map(fn, tuple(split(x) for x in slots)))
+        # recomputed in the backward pass.
+        return jax.lax.switch(mask_slot_index(supervise, sizes), [jax.checkpoint(branch(k)) for k in sizes])
 
 
 def mask_slot_sizes(max_slots: int, buckets: Sequence[int]) -> tuple[int, ...]:

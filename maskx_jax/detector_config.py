@@ -50,14 +50,16 @@ class DetectorConfig:
     roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box/mask losses
     roi_positive_fraction: float = 0.25  # at most this fraction of them positive
     max_mask_rois_per_image: int = 128  # static cap on positive RoIs that get a mask loss
-    # Smaller mask-branch sizes chosen inside the step when every image has fewer supervised
-    # positives (training) or valid detections (inference); exact: see MaskRCNN._mask_loss and
-    # MaskRCNN._detection_masks. () = always run all max_mask_rois_per_image / detections_per_img slots.
+    # Smaller mask-branch sizes chosen inside the step when every image has fewer valid detections
+    # (inference) or, with mask_chunk_slots = 0, fewer supervised positives (training); exact: see
+    # MaskRCNN._detection_masks and MaskRCNN._mask_loss. () = always run all detections_per_img /
+    # max_mask_rois_per_image slots.
     mask_slot_buckets: tuple[int, ...] = (8, 16, 32, 64)
-    # Training: a mask branch of more slots than this runs its mask head this many slots per image at a time
-    # (lax.map, each chunk rematerialised), so that one chunk's activations are alive instead of every slot's;
-    # the loss is the same up to float summation order. 0 = all slots at once.
-    mask_chunk_slots: int = 16
+    # Training: the mask head runs this many slots per image at a time, for only as many chunks as hold the
+    # supervised positives (a loop whose backward pass recomputes each chunk: maskx_jax/active_chunks.py), so
+    # that one chunk's activations are alive and one copy of the mask head is compiled; the loss is the same
+    # up to float summation order. 0 = all slots at once, or the smallest of mask_slot_buckets that holds them.
+    mask_chunk_slots: int = 8
     box_score_thresh: float = 0.05  # inference: drop detections scoring <= this
     box_nms_thresh: float = 0.5  # inference: per-class NMS IoU
     detections_per_img: int = 100  # inference: detections kept per image

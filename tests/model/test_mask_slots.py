@@ -1,5 +1,5 @@
-"""The mask branch runs on the smallest slot bucket that holds every image's supervised positives:
-the loss and every gradient must equal the static all-slots branch, whichever bucket is taken."""
+"""The mask branch runs on the supervised positives' slots only (in chunks, or on the smallest slot bucket that
+holds them): the loss and every gradient must equal the static all-slots branch, whichever count is run."""
 import functools
 
 import jax
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskx_jax import detector
-from maskx_jax.detector import MaskRCNN, chunked_sum, mask_slot_index, mask_slot_sizes
+from maskx_jax import active_chunks, detector
+from maskx_jax.detector import MaskRCNN, mask_slot_index, mask_slot_sizes
 from tests.model_utils import synthetic_batch, tiny_config
 
 
@@ -81,34 +81,49 @@ def _assert_same_loss_and_grads(reference, other):
     assert changed >= 4  # the mask head's gradients are really compared, not all zero
 
 
-def test_chunked_mask_branch_equals_all_slots_at_once(monkeypatch):
-    """model.mask_chunk_slots: the mask head run 3 slots per image at a time, inside the bucket switch, gives the
-    loss and gradients of all slots at once (Mask^X with MLP fusion, whose FC gradient is summed over the
-    chunks)."""
-    chunk_calls = []
+@pytest.mark.parametrize("chunk", [3, 1])
+def test_chunked_mask_branch_equals_all_slots_at_once(monkeypatch, chunk):
+    """model.mask_chunk_slots: the mask head run ``chunk`` slots per image at a time, for the chunks that hold a
+    supervised slot only, gives the loss and gradients of all slots at once (Mask^X with MLP fusion, whose FC
+    gradient is summed over the chunks; the box predictor's weights reach tau through a stop_gradient)."""
+    calls = []
 
-    def counting(fn, slots, chunk):
-        chunk_calls.append((slots[0].shape[1], chunk))
-        return chunked_sum(fn, slots, chunk)
+    def spying(fn, c, diff, data, slots, count):
+        calls.append((slots[0].shape[1], c))
+        return active_chunks.active_chunk_sum(fn, c, diff, data, slots, count)
 
-    monkeypatch.setattr(detector, "chunked_sum", counting)
+    monkeypatch.setattr(detector, "active_chunk_sum", spying)
     batch, reference = _static_reference()
-    # Slot sizes (4, 8): whichever the step takes runs in chunks of 3, the last one padded.
-    chunked = _loss_and_grads(tiny_config(mask_slot_buckets=(4,), mask_chunk_slots=3), batch)
-    assert chunk_calls == [(4, 3), (8, 3)]  # each branch traced once, both chunked
+    chunked = _loss_and_grads(tiny_config(mask_slot_buckets=(4,), mask_chunk_slots=chunk), batch)
+    assert calls == [(8, chunk)]  # one loop over all 8 slots, whatever the buckets (inference's only)
     _assert_same_loss_and_grads(reference, chunked)
+
+
+def test_chunked_mask_loss_reaches_the_detector_weights_when_tau_is_not_detached():
+    """stop_det_grad=False: the mask loss trains the box predictor's weights through tau; the chunked loop
+    passes that gradient on like the static branch."""
+    batch, _ = _static_reference()
+    static = _loss_and_grads(tiny_config(mask_slot_buckets=(), mask_chunk_slots=0, stop_det_grad=False), batch)
+    chunked = _loss_and_grads(tiny_config(mask_chunk_slots=3, stop_det_grad=False), batch)
+    _assert_same_loss_and_grads(static, chunked)
+    detached = _loss_and_grads(tiny_config(mask_chunk_slots=3), batch)
+    cls = lambda grads: np.asarray(grads["roi_heads"]["box_predictor"]["cls_score"]["kernel"][...])
+    assert np.abs(cls(chunked[2]) - cls(detached[2])).max() > 0  # the mask loss's share is really there
 
 
 def test_the_switch_is_in_the_step_only_when_a_bucket_is_below_the_cap():
     batch = synthetic_batch(seed=1)
 
-    def has_cond(buckets):
-        cfg = tiny_config(mask_slot_buckets=buckets)
+    def jaxpr(buckets, chunk):
+        cfg = tiny_config(mask_slot_buckets=buckets, mask_chunk_slots=chunk)
         model = MaskRCNN(cfg, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
-        return _has_switch(lambda s: nnx.merge(graphdef, s).losses(batch, jax.random.key(0))[0], state)
+        return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).losses(batch, jax.random.key(0))[0])(state))
 
-    assert has_cond((2, 4)) and not has_cond(()) and not has_cond((8, 16))
+    has_cond = lambda text: "cond[" in text or " cond " in text
+    assert has_cond(jaxpr((2, 4), 0)) and not has_cond(jaxpr((), 0)) and not has_cond(jaxpr((8, 16), 0))
+    chunked = jaxpr((2, 4), 2)  # chunks: a loop with a traced trip count, the buckets unused in training
+    assert not has_cond(chunked) and "while[" in chunked
 
 
 def test_predict_runs_the_mask_branch_on_the_valid_detections_only():
