@@ -58,7 +58,7 @@ def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: boo
     config = cases._our_train_config(size, size, 2, mask_mode)
     config.model.conv_impl = conv_impl
     config.model.depth = depth
-    if toy:  # the driver's test: narrow FPN and heads, few RoIs, one mask branch (not a measurement)
+    if toy:  # the driver's test: narrow FPN and heads, few RoIs and mask slots (not a measurement)
         m = config.model
         m.fpn_channels, m.representation, m.mask_head_channels, m.transfer_hidden = 32, 64, 32, 32
         m.roi_batch_size_per_image, m.max_mask_rois_per_image = 64, 16
@@ -87,6 +87,7 @@ def measure(conv_impl: str, mask_mode: str, size: int, depth: int = 50, toy: boo
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
+
     def torch_peak(r: dict) -> float | None:  # torchvision's step on the same data (same instance count)
         return next((t["rss_after_steps_mib"] for t in rows if t.get("conv_impl") == "torch" and "error" not in t
                      and bool(t.get("all_slots")) == bool(r.get("all_slots"))), None)

@@ -3,12 +3,16 @@ recomputes each chunk and keeps nothing between chunks.
 
 The mask branch of the training step (``MaskRCNN._mask_loss``) has a static number of slots per image (128)
 of which often only a few are supervised (moved to the front). :func:`active_chunk_sum` runs a function on
-``chunk`` slots of every image at a time, for as many chunks as the step needs (a trip count computed inside
-the step, :func:`chunks_needed`), in a ``while`` loop: the skipped chunks cost nothing, one compiled copy of
-the function serves every count, and only one chunk's activations are alive at a time. A ``while`` loop with
-a traced trip count has no reverse-mode derivative in JAX, so the gradient is written out
+``chunk`` slots of every image at a time in a loop over the chunks, whose body runs ``fn`` only for the first
+``count`` chunks (``count`` computed inside the step, :func:`chunks_needed`; the other iterations are a
+``lax.cond`` that passes the running total through): the skipped chunks cost next to nothing, one compiled
+copy of the function serves every count, and only one chunk's activations are alive at a time. The trip
+count itself is static: with a traced one, two CPU processes (gloo collectives, which pair up in issue order)
+fell out of step inside the step (tests/integration/test_many_hosts.py). JAX would differentiate the
+``lax.cond`` by saving zero-filled residuals for every skipped chunk, so the gradient is written out
 (``jax.custom_vjp``): the backward loop recomputes each needed chunk's forward pass inside ``jax.vjp`` and adds
-its cotangents to the running total. The result equals ``fn`` over every slot at once up to float summation
+its cotangents to the running total, kept in the dtype of ``diff`` (float32 parameters: a float32 sum even
+when ``fn`` computes in bfloat16). The result equals ``fn`` over every slot at once up to float summation
 order, provided ``fn`` gives 0 (and zero gradients) for slots without work.
 
 Conventions: every array of ``slots`` is [N, K, ...] (images, slots); ``fn(diff, data, piece)`` takes one
@@ -62,8 +66,12 @@ def active_chunk_sum(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple
 
 def _forward(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...], count: Array) -> Array:
     chunks = _chunked(slots, chunk)
-    body = lambda i, total: total + fn(diff, data, _piece(chunks, i)).astype(jnp.float32)
-    return jax.lax.fori_loop(0, count, body, jnp.zeros((), jnp.float32))
+
+    def body(i: Array, total: Array) -> Array:
+        add = lambda t: t + fn(diff, data, _piece(chunks, i)).astype(jnp.float32)
+        return jax.lax.cond(i < count, add, lambda t: t, total)
+
+    return jax.lax.fori_loop(0, chunks[0].shape[1], body, jnp.zeros((), jnp.float32))
 
 
 def _fwd(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...], count: Array):
@@ -76,11 +84,13 @@ def _bwd(fn: ChunkFn, chunk: int, residuals, g: Array):
     chunks = _chunked(slots, chunk)
 
     def body(i: Array, total: Any) -> Any:
-        _, vjp = jax.vjp(lambda d: fn(d, data, _piece(chunks, i)).astype(jnp.float32), diff)
-        (ct,) = vjp(g)
-        return jax.tree.map(jnp.add, total, ct)
+        def add(total: Any) -> Any:
+            _, vjp = jax.vjp(lambda d: fn(d, data, _piece(chunks, i)).astype(jnp.float32), diff)
+            (ct,) = vjp(g)
+            return jax.tree.map(jnp.add, total, ct)
+        return jax.lax.cond(i < count, add, lambda t: t, total)
 
-    ct_diff = jax.lax.fori_loop(0, count, body, jax.tree.map(jnp.zeros_like, diff))
+    ct_diff = jax.lax.fori_loop(0, chunks[0].shape[1], body, jax.tree.map(jnp.zeros_like, diff))
     return ct_diff, None, None, None
 
 
