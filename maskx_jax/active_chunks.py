@@ -35,7 +35,7 @@ def chunks_needed(used: Array, chunk: int) -> Array:
     """How many chunks of ``chunk`` slots hold every image's used slots: ``ceil(max_i sum_j used[i, j] / chunk)``.
 
     used: [N, K] bool, the used slots of each image at the front. int32 scalar; under data parallelism the
-    max runs over the global batch (one all-reduce), so every device runs the same trip count."""
+    max runs over the global batch (one all-reduce), so every device runs the same chunks."""
     need = jnp.max(jnp.sum(used, axis=1)).astype(jnp.int32)
     return (need + chunk - 1) // chunk
 
