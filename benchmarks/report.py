@@ -45,8 +45,8 @@ def _ratio(torch_s: float | None, jax_s: float | None) -> str:
 
 def _switched(r: dict) -> bool:
     """A train row whose mask-branch work XLA's cost analysis cannot count: a lax.switch over slot buckets
-    (it adds up every branch) or the chunk loop (``mask_chunk_slots`` > 0: a trip count decided inside the step,
-    the loop body counted once). Rows from before the chunk loop have no ``mask_chunk_slots``."""
+    (it adds up every branch) or the chunk loop (``mask_chunk_slots`` > 0: which chunks run is decided inside the
+    step, the loop body counted once). Rows from before the chunk loop have no ``mask_chunk_slots``."""
     return r.get("mask_chunk_slots", 0) > 0 or any(
         b < r.get("max_mask_rois", 128) for b in r.get("mask_slot_buckets", []))
 

@@ -208,7 +208,7 @@ def _worker(argv):
     # No warmup, so the very first step moves the parameters by a full lr * gradient.
     if kind == "real":
         cfg = real_model_config(warmup_steps=0)
-        cfg.model.mask_chunk_slots = 2  # the mask chunk loop, its trip count a max over the sharded batch
+        cfg.model.mask_chunk_slots = 2  # the mask chunk loop, its count of chunks a max over the sharded batch
         # Mask^X with MLP fusion, its FC (16*28*28 x 784) split over the devices with its momentum
         # (train.shard_params), everything else replicated
         cfg.model.mlp_fusion = True
