@@ -40,6 +40,14 @@ def chunks_needed(used: Array, chunk: int) -> Array:
     return (need + chunk - 1) // chunk
 
 
+def skip_is_safe() -> bool:
+    """Whether the loop may skip chunks. Not with several CPU processes: gloo pairs collectives in the order each
+    process issues them, and with the skip two processes fell out of step inside the step (a collective mismatch
+    with a traced trip count, a hang with the skip, in tests/integration/test_many_hosts.py); they then run every
+    chunk, as the ``lax.map`` before them did. Single-process meshes and accelerators skip."""
+    return jax.process_count() == 1 or jax.default_backend() != "cpu"
+
+
 def _chunked(slots: tuple[Array, ...], chunk: int) -> tuple[Array, ...]:
     """[N, K, ...] -> [N, ceil(K / chunk), chunk, ...], the last chunk padded with zeros."""
     def split(x: Array) -> Array:
@@ -59,7 +67,8 @@ def active_chunk_sum(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple
 
     fn: a pure function (no closed-over traced values: pass them in ``diff`` or ``data``).
     chunk: static slots per image per chunk (> 0). count: int32 scalar, at most ``ceil(K / chunk)`` (e.g.
-    :func:`chunks_needed`). Returns a float32 scalar; gradients flow to ``diff`` only.
+    :func:`chunks_needed`), or None: every chunk, no skip (see :func:`skip_is_safe`). Returns a float32 scalar;
+    gradients flow to ``diff`` only.
     """
     return _forward(fn, chunk, diff, data, slots, count)
 
@@ -69,7 +78,7 @@ def _forward(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, 
 
     def body(i: Array, total: Array) -> Array:
         add = lambda t: t + fn(diff, data, _piece(chunks, i)).astype(jnp.float32)
-        return jax.lax.cond(i < count, add, lambda t: t, total)
+        return add(total) if count is None else jax.lax.cond(i < count, add, lambda t: t, total)
 
     return jax.lax.fori_loop(0, chunks[0].shape[1], body, jnp.zeros((), jnp.float32))
 
@@ -88,7 +97,7 @@ def _bwd(fn: ChunkFn, chunk: int, residuals, g: Array):
             _, vjp = jax.vjp(lambda d: fn(d, data, _piece(chunks, i)).astype(jnp.float32), diff)
             (ct,) = vjp(g)
             return jax.tree.map(jnp.add, total, ct)
-        return jax.lax.cond(i < count, add, lambda t: t, total)
+        return add(total) if count is None else jax.lax.cond(i < count, add, lambda t: t, total)
 
     ct_diff = jax.lax.fori_loop(0, chunks[0].shape[1], body, jax.tree.map(jnp.zeros_like, diff))
     return ct_diff, None, None, None

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maskx_jax import anchors as anchors_lib
-from maskx_jax.active_chunks import active_chunk_sum, chunks_needed
+from maskx_jax.active_chunks import active_chunk_sum, chunks_needed, skip_is_safe
 from maskx_jax.box_head import (FastRCNNPredictor, RoISamples, TwoMLPHead, box_losses, detect_boxes,
                                  sample_rois)
 from maskx_jax.canvas import Canvas
@@ -324,7 +324,7 @@ class MaskRCNN(nnx.Module):
 
             total = active_chunk_sum(fn, min(chunk, m), (params, tuple(pooled)),
                                      (rest, None if canvas is None else canvas.extent, crops),
-                                     slots, chunks_needed(supervise, min(chunk, m)))
+                                     slots, chunks_needed(supervise, min(chunk, m)) if skip_is_safe() else None)
             return total / mask_loss_denominator(supervise.reshape(-1), 2 * cfg.mask_roi_size)
 
         def branch(k: int) -> Callable[[], Array]:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskx_jax.active_chunks import active_chunk_sum, chunks_needed
+from maskx_jax.active_chunks import active_chunk_sum, chunks_needed, skip_is_safe
 
 
 def _fn(diff, data, piece):
@@ -48,6 +48,17 @@ def test_sum_and_gradients_are_those_of_the_needed_slots(chunk, count):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
     if count == 0:
         assert float(value) == 0 and all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
+
+
+def test_no_count_runs_every_chunk():
+    """count=None (several CPU processes, ``skip_is_safe``): every chunk runs, no skip; the plain sum over all slots."""
+    diff, data, slots = _inputs()
+    value, grads = jax.jit(jax.value_and_grad(lambda d: active_chunk_sum(_fn, 3, d, data, slots, None)))(diff)
+    want, want_grads = jax.value_and_grad(lambda d: _fn(d, data, slots))(diff)
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-5, atol=1e-6)
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    assert skip_is_safe()  # one process here
 
 
 def test_one_compiled_copy_in_a_static_loop():
