@@ -62,7 +62,8 @@ def _piece(chunks: tuple[Array, ...], i: Array) -> tuple[Array, ...]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def active_chunk_sum(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...], count: Array) -> Array:
+def active_chunk_sum(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...],
+                     count: Array | None) -> Array:
     """``sum_{j < count} fn(diff, data, slots[:, j*chunk:(j+1)*chunk])``, one chunk after the other.
 
     fn: a pure function (no closed-over traced values: pass them in ``diff`` or ``data``).
@@ -73,17 +74,22 @@ def active_chunk_sum(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple
     return _forward(fn, chunk, diff, data, slots, count)
 
 
-def _forward(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...], count: Array) -> Array:
+def _over_chunks(n_chunks: int, count: Array | None, add: Callable[[Array, Any], Any], init: Any) -> Any:
+    """``add(i, total)`` for chunk i = 0 .. n_chunks - 1, skipped (total passed through) for i >= count; a static
+    trip count, so that every process issues the same collectives (see :func:`skip_is_safe`)."""
+    def body(i: Array, total: Any) -> Any:
+        step = lambda t: add(i, t)
+        return step(total) if count is None else jax.lax.cond(i < count, step, lambda t: t, total)
+    return jax.lax.fori_loop(0, n_chunks, body, init)
+
+
+def _forward(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...], count: Array | None) -> Array:
     chunks = _chunked(slots, chunk)
-
-    def body(i: Array, total: Array) -> Array:
-        add = lambda t: t + fn(diff, data, _piece(chunks, i)).astype(jnp.float32)
-        return add(total) if count is None else jax.lax.cond(i < count, add, lambda t: t, total)
-
-    return jax.lax.fori_loop(0, chunks[0].shape[1], body, jnp.zeros((), jnp.float32))
+    add = lambda i, total: total + fn(diff, data, _piece(chunks, i)).astype(jnp.float32)
+    return _over_chunks(chunks[0].shape[1], count, add, jnp.zeros((), jnp.float32))
 
 
-def _fwd(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...], count: Array):
+def _fwd(fn: ChunkFn, chunk: int, diff: Any, data: Any, slots: tuple[Array, ...], count: Array | None):
     # The residuals are the inputs themselves: nothing of a chunk's forward pass is kept.
     return _forward(fn, chunk, diff, data, slots, count), (diff, data, slots, count)
 
@@ -92,14 +98,12 @@ def _bwd(fn: ChunkFn, chunk: int, residuals, g: Array):
     diff, data, slots, count = residuals
     chunks = _chunked(slots, chunk)
 
-    def body(i: Array, total: Any) -> Any:
-        def add(total: Any) -> Any:
-            _, vjp = jax.vjp(lambda d: fn(d, data, _piece(chunks, i)).astype(jnp.float32), diff)
-            (ct,) = vjp(g)
-            return jax.tree.map(jnp.add, total, ct)
-        return add(total) if count is None else jax.lax.cond(i < count, add, lambda t: t, total)
+    def add(i: Array, total: Any) -> Any:
+        _, vjp = jax.vjp(lambda d: fn(d, data, _piece(chunks, i)).astype(jnp.float32), diff)
+        (ct,) = vjp(g)
+        return jax.tree.map(jnp.add, total, ct)
 
-    ct_diff = jax.lax.fori_loop(0, chunks[0].shape[1], body, jax.tree.map(jnp.zeros_like, diff))
+    ct_diff = _over_chunks(chunks[0].shape[1], count, add, jax.tree.map(jnp.zeros_like, diff))
     return ct_diff, None, None, None
 
 
